@@ -1,0 +1,14 @@
+"""qalora: quantization-aware LoRA — fine-tune group-wise quantized LLMs (INT2/3/4/8) and merge
+the adapters into the quantized weights exactly."""
+
+from qalora.api import generate, load_model_and_tokenizer, quantize
+from qalora.checkpoint import load, save_checkpoint
+from qalora.config import QuantConfig
+from qalora.errors import QaloraError
+from qalora.nn.quant_linear import QuantLinear
+from qalora.quant.weight import QuantizedWeight
+from qalora.quantize import quantize_model
+
+__version__ = "0.1.0"
+__all__ = ["QaloraError", "QuantConfig", "QuantLinear", "QuantizedWeight", "generate", "load",
+           "load_model_and_tokenizer", "quantize", "quantize_model", "save_checkpoint"]

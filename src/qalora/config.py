@@ -1,0 +1,65 @@
+"""Small validated configuration records, one per concern. Defaults live here only: the CLI
+reads them from the dataclass fields (see ``cli.py``)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from qalora.errors import QaloraError
+from qalora.quant.qparams import SUPPORTED_BITS
+
+QUANT_METHODS = ("rtn", "gptq")
+
+
+@dataclass
+class QuantConfig:
+    """How a model's linear layers are quantized.
+
+    Attributes:
+        bits: code width, one of 2, 3, 4, 8.
+        group_size: L, contiguous input columns sharing one (scale, offset); must divide the
+            ``in_features`` of every quantized layer. 32 as in the paper.
+        method: ``rtn`` (min-max round to nearest) or ``gptq`` (needs calibration data).
+        skip: module-name suffixes left in full precision (``lm_head`` by default; embeddings
+            are never nn.Linear and are never quantized).
+        calib_samples: GPTQ calibration sequences.
+        calib_seq_len: tokens per calibration sequence.
+        calib_batch_size: sequences per forward during calibration.
+        damp: GPTQ damping, as a fraction of the mean Hessian diagonal.
+        block_size: GPTQ lazy-update block (rounded to a multiple of ``group_size``).
+        true_sequential: GPTQ quantizes a decoder layer's linears in execution order
+            (q/k/v, o, gate/up, down), each seeing the already quantized ones' outputs.
+        seed: calibration sampling seed.
+    """
+
+    bits: int = field(default=4, metadata={"help": "bits per weight code: 2, 3, 4 or 8"})
+    group_size: int = field(default=32, metadata={"help": "input columns per quantization group"})
+    method: str = field(default="gptq", metadata={"help": "rtn or gptq"})
+    skip: tuple[str, ...] = field(default=("lm_head",), metadata={"help": "module-name suffixes kept in full precision"})
+    calib_samples: int = field(default=128, metadata={"help": "GPTQ calibration sequences"})
+    calib_seq_len: int = field(default=256, metadata={"help": "tokens per calibration sequence"})
+    calib_batch_size: int = field(default=8, metadata={"help": "calibration sequences per forward"})
+    damp: float = field(default=0.01, metadata={"help": "GPTQ damping (fraction of mean Hessian diagonal)"})
+    block_size: int = field(default=128, metadata={"help": "GPTQ lazy-update block size"})
+    true_sequential: bool = field(default=True, metadata={"help": "GPTQ: quantize a layer's linears in execution order"})
+    seed: int = field(default=0, metadata={"help": "calibration sampling seed"})
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise QaloraError(f"bits {self.bits!r} is not supported; use one of {', '.join(map(str, SUPPORTED_BITS))}")
+        if not isinstance(self.group_size, int) or self.group_size < 2:
+            raise QaloraError(f"group_size {self.group_size!r} is not supported; use a positive size that divides "
+                              "every layer's in_features, e.g. 32, 64 or 128")
+        if self.method not in QUANT_METHODS:
+            raise QaloraError(f"method {self.method!r} is unknown; use one of {', '.join(QUANT_METHODS)}")
+        for name in ("calib_samples", "calib_seq_len", "calib_batch_size", "block_size"):
+            if getattr(self, name) < 1:
+                raise QaloraError(f"{name} {getattr(self, name)!r} must be at least 1")
+        if not 0 <= self.damp < 1:
+            raise QaloraError(f"damp {self.damp!r} must be in [0, 1)")
+        self.skip = tuple(self.skip)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["skip"] = list(self.skip)
+        return d

@@ -1,0 +1,71 @@
+"""File helpers: atomic output folders, hashing, strict JSON reading."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from qalora.errors import QaloraError
+
+
+def check_new_output(out: str | os.PathLike) -> Path:
+    """Refuse an output path that already exists (nothing is ever overwritten)."""
+    path = Path(out).expanduser()
+    if path.exists():
+        raise QaloraError(f"output {str(path)!r} already exists; choose a new path or remove it first")
+    if not path.parent.exists():
+        raise QaloraError(f"the parent folder of output {str(path)!r} does not exist")
+    return path
+
+
+@contextmanager
+def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success rename it to ``out``, on error delete it.
+
+    A crash or error never leaves a half-written ``out`` behind.
+    """
+    path = check_new_output(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    os.chmod(tmp, 0o755)
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            os.chmod(f, 0o755 if f.is_dir() else 0o644)
+        os.rename(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
+
+
+def read_json(path: str | os.PathLike, what: str) -> dict:
+    """Read a JSON object, turning a missing or malformed file into a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise QaloraError(f"{what} {str(path)!r} is missing")
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise QaloraError(f"{what} {str(path)!r} is corrupt ({e.__class__.__name__}: {e})") from None
+    if not isinstance(obj, dict):
+        raise QaloraError(f"{what} {str(path)!r} is corrupt (expected a JSON object)")
+    return obj

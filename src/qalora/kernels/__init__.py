@@ -1,0 +1,10 @@
+"""Matmul kernels for group-wise quantized weights, chosen by an ordered registry.
+
+Every kernel computes ``y = x W~^T`` for ``x [M, in]`` and the weight of a ``QuantLinear``
+and shares one signature (see ``registry.Kernel``). ``reference`` (unpack, dequantize, fp32
+GEMM) works for every width and group size; ``int4`` uses PyTorch's tinygemm int4 kernels.
+"""
+
+from qalora.kernels.registry import KERNELS, Kernel, get_kernel, select_kernel
+
+__all__ = ["KERNELS", "Kernel", "get_kernel", "select_kernel"]

@@ -1,0 +1,33 @@
+"""Reference kernel: unpack the codes, dequantize in fp32, one dense GEMM.
+
+Works for every width and group size. For many rows (prefill, training, perplexity) it is
+also the fastest path on CPU: dequantizing one layer just in time and using the fp32 GEMM
+beats the int4 kernel there (see ``benchmarks/kernels.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qalora.quant.qparams import dequantize
+from qalora.quant.packing import unpack
+
+
+def dequantized_weight(module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``[out, in]`` dense ``scale * q + offset`` of a ``QuantLinear``'s buffers."""
+    codes = unpack(module.qweight, module.in_features, module.bits)
+    return dequantize(codes, module.scale, module.offset, module.group_size, dtype)
+
+
+def reference_supports(module, device: torch.device) -> bool:
+    return True
+
+
+def reference_prepare(module, device: torch.device) -> dict:
+    return {}
+
+
+def reference_matmul(x: torch.Tensor, module, state: dict) -> torch.Tensor:
+    """``x [M, in]`` → ``[M, out]`` in ``x.dtype`` (computed in fp32)."""
+    w = dequantized_weight(module, torch.float32)
+    return (x.float() @ w.t()).to(x.dtype)

@@ -1,0 +1,90 @@
+"""``QuantLinear``: a linear layer whose weight is stored bit-packed with float scale/offset."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qalora.kernels.registry import KERNEL_CHOICES, select_kernel
+from qalora.quant.packing import packed_len
+from qalora.quant.qparams import check_bits, check_group_size
+from qalora.quant.weight import QuantizedWeight
+
+
+class QuantLinear(nn.Module):
+    """``y = x W~^T + b`` with ``W~ = scale * q + offset`` per (row, group of L input columns).
+
+    Buffers (saved in ``state_dict``; the base is frozen, so nothing here is a Parameter):
+        qweight: uint8 ``[out, packed_len(in, bits)]`` bit-packed codes.
+        scale, offset: fp32 ``[out, in / L]``.
+        bias: ``[out]`` or absent.
+
+    ``kernel`` picks the matmul: ``"auto"`` (int4 tinygemm for few rows on CPU and for any
+    batch on CUDA when bits <= 4 and L in {32, 64, 128, 256}; else reference), ``"int4"`` or
+    ``"reference"``. A kernel's repacked weights are cached per device and rebuilt when the
+    buffers change (e.g. after a merge writes new offsets).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = False,
+                 device=None, bias_dtype: torch.dtype = torch.float32, kernel: str = "auto", name: str = "weight"):
+        super().__init__()
+        check_bits(bits)
+        check_group_size(group_size, in_features, name)
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        self.kernel = kernel
+        groups = in_features // group_size
+        self.register_buffer("qweight", torch.zeros(out_features, packed_len(in_features, bits), dtype=torch.uint8, device=device))
+        self.register_buffer("scale", torch.ones(out_features, groups, dtype=torch.float32, device=device))
+        self.register_buffer("offset", torch.zeros(out_features, groups, dtype=torch.float32, device=device))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device))
+        else:
+            self.bias = None
+        self._kernel_state: dict = {}
+
+    @property
+    def kernel(self) -> str:
+        return self._kernel
+
+    @kernel.setter
+    def kernel(self, name: str) -> None:
+        if name not in KERNEL_CHOICES:
+            raise ValueError(f"kernel {name!r} is unknown; use one of {', '.join(KERNEL_CHOICES)}")
+        self._kernel = name
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None, kernel: str = "auto") -> "QuantLinear":
+        m = cls(qw.in_features, qw.out_features, qw.bits, qw.group_size, bias=bias is not None,
+                device="meta", kernel=kernel)
+        m.qweight, m.scale, m.offset = qw.packed, qw.scale, qw.offset
+        if bias is not None:
+            m.bias = bias.detach().clone()
+        return m
+
+    def quantized_weight(self) -> QuantizedWeight:
+        """The buffers as a typed record (shares storage)."""
+        return QuantizedWeight(self.qweight, self.scale, self.offset, self.bits, self.group_size, self.in_features)
+
+    def _state_for(self, kernel, device: torch.device) -> dict:
+        key = (kernel.name, str(device), self.qweight.data_ptr(), self.qweight._version,
+               self.scale.data_ptr(), self.scale._version, self.offset.data_ptr(), self.offset._version)
+        cached = self._kernel_state.get(kernel.name)
+        if cached is None or cached[0] != key:
+            cached = (key, kernel.prepare(self, device))
+            self._kernel_state[kernel.name] = cached
+        return cached[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., in] -> y: [..., out]
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)                      # [M, in]
+        kernel = select_kernel(self, x2.device, x2.shape[0], self._kernel)
+        y = kernel.matmul(x2, self, self._state_for(kernel, x2.device))
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}, kernel={self._kernel}")

@@ -1,0 +1,214 @@
+"""Quantize a transformers model's linear layers in place: RTN, or GPTQ decoder layer by layer.
+
+GPTQ runs one decoder layer at a time: the calibration activations entering layer ``i`` are
+kept (``[n, T, hidden]``), each linear of the layer gets a Hessian ``H = 2/n Σ x xᵀ`` from
+them, is quantized and swapped for a ``QuantLinear``, and the layer's *quantized* outputs
+become layer ``i+1``'s inputs. Only one layer's activations and Hessians are alive at a time,
+so memory does not grow with depth.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from qalora.config import QuantConfig
+from qalora.errors import QaloraError
+from qalora.patch import decoder_layers, find_linears, replacement_for, set_submodule
+from qalora.quant.gptq import HessianAccumulator, gptq_quantize
+from qalora.quant.qparams import check_group_size
+from qalora.quant.rtn import rtn_quantize
+from qalora.quant.weight import QuantizedWeight
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward early once what it needed was seen."""
+
+
+def check_model(model: nn.Module, config: QuantConfig) -> list[tuple[str, nn.Module]]:
+    """The layers to quantize; refuse a model with none, or a group size that does not fit one."""
+    linears = find_linears(model, config.skip)
+    if not linears:
+        raise QaloraError(f"{type(model).__name__} has no linear layers to quantize "
+                          f"(skipped: {', '.join(config.skip) or 'none'}); pass a decoder model with nn.Linear projections")
+    for name, m in linears:
+        check_group_size(config.group_size, m.in_features, name)
+    return linears
+
+
+def _quantize_weight(w: torch.Tensor, config: QuantConfig, name: str, hessian: torch.Tensor | None) -> QuantizedWeight:
+    if hessian is None:
+        codes, scale, offset = rtn_quantize(w, config.bits, config.group_size, name)
+    else:
+        codes, scale, offset = gptq_quantize(w, hessian, config.bits, config.group_size,
+                                             damp=config.damp, block_size=config.block_size, name=name)
+    return QuantizedWeight.from_codes(codes, scale, offset, config.bits, config.group_size)
+
+
+def _relative_error(w: torch.Tensor, qw: QuantizedWeight, hessian: torch.Tensor | None) -> float:
+    """``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` (relative output error on the calibration inputs), or the
+    relative Frobenius error without a Hessian."""
+    w = w.float()
+    d = w - qw.dequantize()
+    if hessian is None:
+        return float(d.norm() ** 2 / w.norm().clamp_min(1e-30) ** 2)
+    return float(((d @ hessian) * d).sum() / ((w @ hessian) * w).sum().clamp_min(1e-30))
+
+
+def _swap(root: nn.Module, name: str, linear: nn.Module, qw: QuantizedWeight) -> None:
+    new = replacement_for(linear, qw)
+    new.kernel = "reference"  # calibration runs many rows: the exact fp32 path is also the fast one
+    set_submodule(root, name, new)
+
+
+@torch.no_grad()
+def quantize_rtn(model: nn.Module, config: QuantConfig, progress: bool = True) -> dict[str, float]:
+    """Min-max RTN of every target linear; returns ``{name: relative weight error}``."""
+    errors = {}
+    for name, m in tqdm(check_model(model, config), desc="rtn", disable=not progress):
+        qw = _quantize_weight(m.weight.data, config, name, None)
+        errors[name] = _relative_error(m.weight.data, qw, None)
+        _swap(model, name, m, qw)
+    return errors
+
+
+def _layer_out(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = layer(x, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, first_layer: nn.Module, calib: torch.Tensor, batch_size: int,
+                         progress: bool = True) -> list[tuple[torch.Tensor, dict]]:
+    """Run the model up to its first decoder layer on ``calib [n, T]`` and keep what enters it:
+    per batch, ``hidden [b, T, hidden]`` (fp32) and the layer's keyword arguments."""
+    captured = []
+
+    def grab(module, args, kwargs):
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden.detach().float(), kwargs))
+        raise _StopForward
+
+    handle = first_layer.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for i in tqdm(range(0, calib.shape[0], batch_size), desc="calibration inputs", disable=not progress):
+            try:
+                model(input_ids=calib[i:i + batch_size], use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _call_groups(layer: nn.Module, linears: list[tuple[str, nn.Module]], x: torch.Tensor, kwargs: dict) -> list[list[str]]:
+    """Linears in execution order, grouped by shared input (q/k/v; o; gate/up; down)."""
+    order: list[tuple[str, int]] = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: order.append((n, inp[0].data_ptr())))
+             for n, m in linears]
+    try:
+        _layer_out(layer, x[:1], {k: (v[:1] if torch.is_tensor(v) and v.shape[:1] == x.shape[:1] else v)
+                                  for k, v in kwargs.items()})
+    finally:
+        for h in hooks:
+            h.remove()
+    groups: list[list[str]] = []
+    last_ptr = None
+    for n, ptr in order:
+        if n in {g for grp in groups for g in grp}:
+            continue
+        if groups and ptr == last_ptr:
+            groups[-1].append(n)
+        else:
+            groups.append([n])
+        last_ptr = ptr
+    missed = [n for n, _ in linears if n not in {g for grp in groups for g in grp}]
+    return groups + ([missed] if missed else [])
+
+
+@torch.no_grad()
+def _hessians(layer: nn.Module, modules: dict[str, nn.Module], inputs: list[tuple[torch.Tensor, dict]]
+              ) -> dict[str, torch.Tensor]:
+    """Accumulate each module's input Hessian over all batches, stopping each forward as soon as
+    the last module of the group has run."""
+    accs = {n: HessianAccumulator(m.in_features) for n, m in modules.items()}
+    seen: set[str] = set()
+
+    def hook(mod, inp, out, n):
+        accs[n].add(inp[0])
+        seen.add(n)
+        if len(seen) == len(accs):
+            raise _StopForward
+
+    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: hook(mod, inp, out, n)) for n, m in modules.items()]
+    try:
+        for x, kw in inputs:
+            seen.clear()
+            try:
+                _layer_out(layer, x, kw)
+            except _StopForward:
+                pass
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: a.hessian for n, a in accs.items()}
+
+
+@torch.no_grad()
+def quantize_gptq(model: nn.Module, config: QuantConfig, calib: torch.Tensor, progress: bool = True) -> dict[str, float]:
+    """GPTQ decoder layer by decoder layer on calibration token ids ``calib [n, T]``; returns
+    ``{name: relative output error on the calibration inputs}``. Target linears outside the
+    decoder layers (rare) fall back to RTN."""
+    targets = dict(check_model(model, config))
+    layers = decoder_layers(model)
+    prefix = next(n for n, m in model.named_modules() if m is layers)
+    inputs = capture_layer_inputs(model, layers[0], calib, config.calib_batch_size, progress)
+    errors: dict[str, float] = {}
+    bar = tqdm(total=len(targets), desc=f"gptq int{config.bits} g{config.group_size}", disable=not progress)
+    for i, layer in enumerate(layers):
+        layer.float()
+        linears = [(n, m) for n, m in find_linears(layer, config.skip, prefix=f"{prefix}.{i}") if n in targets]
+        local = {n: n[len(f"{prefix}.{i}."):] for n, _ in linears}
+        groups = _call_groups(layer, linears, *inputs[0]) if config.true_sequential else [[n for n, _ in linears]]
+        for group in groups:
+            modules = {n: layer.get_submodule(local[n]) for n in group}
+            for n, h in _hessians(layer, modules, inputs).items():
+                w = modules[n].weight.data
+                qw = _quantize_weight(w, config, n, h)
+                errors[n] = _relative_error(w, qw, h)
+                _swap(layer, local[n], modules[n], qw)
+                targets.pop(n)
+                bar.update(1)
+        inputs = [(_layer_out(layer, x, kw), kw) for x, kw in inputs]
+    bar.close()
+    if targets:  # linears outside the decoder stack
+        for n, m in targets.items():
+            qw = _quantize_weight(m.weight.data, config, n, None)
+            errors[n] = _relative_error(m.weight.data, qw, None)
+            _swap(model, n, m, qw)
+    return errors
+
+
+def quantize_model(model: nn.Module, config: QuantConfig, calib: torch.Tensor | None = None,
+                   progress: bool = True) -> dict:
+    """Quantize ``model`` in place (``QuantLinear`` replaces each target ``nn.Linear``).
+
+    Args:
+        calib: GPTQ calibration token ids ``[n, T]`` (required for ``method="gptq"``).
+    Returns:
+        a report: ``{"method", "bits", "group_size", "seconds", "layer_errors": {name: err}}``.
+    """
+    t0 = time.time()
+    model.eval()
+    if config.method == "gptq":
+        if calib is None:
+            raise QaloraError("method 'gptq' needs calibration token ids; pass calib=[n, T] or use method 'rtn'")
+        errors = quantize_gptq(model, config, calib, progress)
+    else:
+        errors = quantize_rtn(model, config, progress)
+    return {"method": config.method, "bits": config.bits, "group_size": config.group_size,
+            "seconds": round(time.time() - t0, 2), "layer_errors": errors}

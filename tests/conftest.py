@@ -1,0 +1,60 @@
+"""Shared fixtures: a tiny random Llama (+ tokenizer) that runs in milliseconds, and the
+embedded SmolLM2-135M-Instruct folder (converted once per machine into the user cache)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+TINY_TEXT = [
+    "the quick brown fox jumps over the lazy dog",
+    "a quantized model keeps its weights in few bits",
+    "low rank adapters learn a small update to each layer",
+    "group wise scales and offsets describe every block of weights",
+]
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer trained in memory (no download), with eos/pad tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(TINY_TEXT * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+def tiny_llama(seed: int = 0, vocab_size: int = 300, hidden: int = 64, inter: int = 128, layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True, eos_token_id=0, pad_token_id=0, bos_token_id=0)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # larger-than-init weights so quantization error is visible in logits
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    return model
+
+
+@pytest.fixture
+def tiny_model():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def tiny_tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def embedded_dir():
+    from qalora.default_model import default_model_dir
+
+    return default_model_dir()

@@ -1,0 +1,46 @@
+"""The command line: bad input gives one line on stderr, exit code 2, no traceback, no output."""
+
+import subprocess
+import sys
+
+import pytest
+
+from qalora.cli import build_parser, main
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "qalora", *args], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["quantize", "--bits", "5", "--out", "x"], "bits 5 is not supported; use one of 2, 3, 4, 8"),
+    (["quantize", "--method", "awq", "--out", "x"], "method 'awq' is unknown"),
+    (["quantize", "--model", "no/such/folder", "--out", "x"], "model 'no/such/folder' is not a local folder"),
+    (["eval", "--model", "no/such/folder"], "model 'no/such/folder' is not a local folder"),
+])
+def test_bad_input_one_line(tmp_path, args, message):
+    r = run(*args, cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and message in r.stderr and "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_refused(tmp_path):
+    (tmp_path / "x").mkdir()
+    r = run("quantize", "--method", "rtn", "--out", "x", cwd=tmp_path)
+    assert r.returncode == 2 and "output 'x' already exists" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_not_a_checkpoint(tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "hi"]) == 2
+    assert "has no config.json" in capsys.readouterr().err
+
+
+def test_cli_defaults_come_from_the_dataclass():
+    from qalora.config import QuantConfig
+
+    args = build_parser().parse_args(["quantize", "--out", "x"])
+    d = QuantConfig()
+    assert (args.bits, args.group_size, args.method, args.calib_samples, tuple(args.skip), args.true_sequential) == \
+        (d.bits, d.group_size, d.method, d.calib_samples, d.skip, d.true_sequential)
