@@ -106,10 +106,10 @@ def capture_layer_inputs(model: nn.Module, first_layer: nn.Module, calib: torch.
 
 
 def _call_groups(layer: nn.Module, linears: list[tuple[str, nn.Module]], x: torch.Tensor, kwargs: dict) -> list[list[str]]:
-    """Linears in execution order, grouped by shared input (q/k/v; o; gate/up; down)."""
-    order: list[tuple[str, int]] = []
-    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: order.append((n, inp[0].data_ptr())))
-             for n, m in linears]
+    """Linears in execution order, consecutive calls on the very same input tensor grouped
+    (q/k/v; o; gate/up; down for Llama), found by one forward on the first sequence."""
+    calls: list[tuple[str, torch.Tensor]] = []  # holding the inputs keeps their identity unambiguous
+    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: calls.append((n, inp[0]))) for n, m in linears]
     try:
         _layer_out(layer, x[:1], {k: (v[:1] if torch.is_tensor(v) and v.shape[:1] == x.shape[:1] else v)
                                   for k, v in kwargs.items()})
@@ -117,37 +117,49 @@ def _call_groups(layer: nn.Module, linears: list[tuple[str, nn.Module]], x: torc
         for h in hooks:
             h.remove()
     groups: list[list[str]] = []
-    last_ptr = None
-    for n, ptr in order:
-        if n in {g for grp in groups for g in grp}:
+    done: set[str] = set()
+    prev = None
+    for n, inp in calls:
+        if n in done:
             continue
-        if groups and ptr == last_ptr:
+        if groups and inp is prev:
             groups[-1].append(n)
         else:
             groups.append([n])
-        last_ptr = ptr
-    missed = [n for n, _ in linears if n not in {g for grp in groups for g in grp}]
+        done.add(n)
+        prev = inp
+    missed = [n for n, _ in linears if n not in done]
     return groups + ([missed] if missed else [])
 
 
 @torch.no_grad()
 def _hessians(layer: nn.Module, modules: dict[str, nn.Module], inputs: list[tuple[torch.Tensor, dict]]
               ) -> dict[str, torch.Tensor]:
-    """Accumulate each module's input Hessian over all batches, stopping each forward as soon as
-    the last module of the group has run."""
-    accs = {n: HessianAccumulator(m.in_features) for n, m in modules.items()}
+    """Each module's input Hessian over all batches. Modules called on the very same input
+    tensor (q/k/v) share one accumulator; each forward stops as soon as the last module of the
+    group has run."""
+    accs: dict[str, HessianAccumulator] = {}
+    owner: dict[str, str] = {}       # module -> module whose accumulator holds its inputs
     seen: set[str] = set()
+    last: list = [None, None]        # (input tensor, its owner) of the previous call
 
     def hook(mod, inp, out, n):
-        accs[n].add(inp[0])
+        x = inp[0]
+        if x is last[0]:
+            owner[n] = last[1]
+        else:
+            owner[n] = n
+            accs.setdefault(n, HessianAccumulator(mod.in_features)).add(x)
+            last[0], last[1] = x, n
         seen.add(n)
-        if len(seen) == len(accs):
+        if len(seen) == len(modules):
             raise _StopForward
 
     hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: hook(mod, inp, out, n)) for n, m in modules.items()]
     try:
         for x, kw in inputs:
             seen.clear()
+            last[0] = last[1] = None
             try:
                 _layer_out(layer, x, kw)
             except _StopForward:
@@ -155,7 +167,10 @@ def _hessians(layer: nn.Module, modules: dict[str, nn.Module], inputs: list[tupl
     finally:
         for h in hooks:
             h.remove()
-    return {n: a.hessian for n, a in accs.items()}
+    missing = [n for n in modules if n not in owner]
+    if missing:
+        raise QaloraError(f"{missing[0]} received no calibration inputs; it cannot be quantized with GPTQ (use method 'rtn')")
+    return {n: accs[owner[n]].hessian for n in modules}
 
 
 @torch.no_grad()
