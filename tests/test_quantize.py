@@ -159,3 +159,26 @@ def test_missing_and_corrupt_checkpoints(tmp_path, tiny_model, tiny_tok):
         load(tmp_path / "q")
     with pytest.raises(QaloraError, match="is not a folder"):
         load(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_other_decoder_families_roundtrip(tmp_path, tiny_tok, arch):
+    """Qwen2 (biased q/k/v) and Mistral quantize with GPTQ, save, load and generate."""
+    import transformers
+
+    cls = {"qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+           "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}[arch]
+    torch.manual_seed(0)
+    cfg = cls[0](vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+                 eos_token_id=0, pad_token_id=0, bos_token_id=0)
+    model = cls[1](cfg).eval()
+    ids = calib_ids(n=8, t=32)
+    quantize_model(model, QuantConfig(bits=4, group_size=32, method="gptq", calib_batch_size=4), ids, progress=False)
+    if arch == "qwen2":
+        assert model.model.layers[0].self_attn.q_proj.bias is not None
+    save_checkpoint(model, tiny_tok, tmp_path / "q", {})
+    loaded = load(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert loaded.generate(ids[:1, :4], max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (1, 7)

@@ -23,7 +23,7 @@ from torch import nn
 from qalora.errors import QaloraError
 from qalora.io import atomic_dir, read_json, sha256_file, write_json
 from qalora.nn.quant_linear import QuantLinear
-from qalora.patch import quant_layers, set_submodule
+from qalora.patch import set_submodule
 
 FORMAT = "qalora"
 FORMAT_VERSION = 1
@@ -31,10 +31,28 @@ META_FILE = "qalora.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
+def _affine_spec(m: QuantLinear) -> dict:
+    return {"kind": "affine", "in_features": m.in_features, "out_features": m.out_features, "bits": m.bits,
+            "group_size": m.group_size, "bias": m.bias is not None}
+
+
+def _affine_build(spec: dict, name: str, kernel: str) -> QuantLinear:
+    return QuantLinear(spec["in_features"], spec["out_features"], spec["bits"], spec["group_size"],
+                       bias=spec["bias"], device="meta", kernel=kernel, name=name)
+
+
+# kind -> (layer class, describe a layer, build an empty one on the meta device)
+LAYER_KINDS = {"affine": (QuantLinear, _affine_spec, _affine_build)}
+
+
 def layer_table(model: nn.Module) -> dict[str, dict]:
-    return {n: {"in_features": m.in_features, "out_features": m.out_features, "bits": m.bits,
-                "group_size": m.group_size, "bias": m.bias is not None}
-            for n, m in quant_layers(model).items()}
+    """``{module name: spec}`` of every quantized layer, each spec naming its ``kind``."""
+    table = {}
+    for n, m in model.named_modules():
+        for kind, (cls, spec, _) in LAYER_KINDS.items():
+            if type(m) is cls:
+                table[n] = spec(m)
+    return table
 
 
 def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -118,9 +136,11 @@ def load(path: str | os.PathLike, kernel: str = "auto", device: str | torch.devi
             model.get_submodule(name)
         except AttributeError:
             raise QaloraError(f"checkpoint layer {name!r} does not exist in a {config.model_type} model") from None
-        set_submodule(model, name, QuantLinear(spec["in_features"], spec["out_features"], spec["bits"],
-                                               spec["group_size"], bias=spec["bias"], device="meta",
-                                               kernel=kernel, name=name))
+        kind = spec.get("kind", "affine")
+        if kind not in LAYER_KINDS:
+            raise QaloraError(f"checkpoint layer {name!r} has kind {kind!r}; this qalora reads "
+                              f"{', '.join(LAYER_KINDS)}")
+        set_submodule(model, name, LAYER_KINDS[kind][2](spec, name, kernel))
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
         raise QaloraError(f"checkpoint {str(path)!r} has tensors the model lacks: {result.unexpected_keys[:3]}")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qalora.kernels.reference import dequantized_weight
 from qalora.kernels.registry import KERNEL_CHOICES, select_kernel
+from qalora.nn.frozen import frozen_linear
 from qalora.quant.packing import packed_len
 from qalora.quant.qparams import check_bits, check_group_size
 from qalora.quant.weight import QuantizedWeight
@@ -75,12 +77,20 @@ class QuantLinear(nn.Module):
             self._kernel_state[kernel.name] = cached
         return cached[1]
 
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``[out, in]`` dense ``scale * q + offset`` (one layer, for backward or inspection)."""
+        return dequantized_weight(self, dtype)
+
+    def base_matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        """``x2 [M, in] -> [M, out]`` through the selected kernel, no bias, no autograd."""
+        kernel = select_kernel(self, x2.device, x2.shape[0], self._kernel)
+        with torch.no_grad():
+            return kernel.matmul(x2, self, self._state_for(kernel, x2.device))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> y: [..., out]
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)                      # [M, in]
-        kernel = select_kernel(self, x2.device, x2.shape[0], self._kernel)
-        y = kernel.matmul(x2, self, self._state_for(kernel, x2.device))
+        y = frozen_linear(x.reshape(-1, self.in_features), self)  # [M, out]
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features)
