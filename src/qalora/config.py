@@ -63,3 +63,40 @@ class QuantConfig:
         d = asdict(self)
         d["skip"] = list(self.skip)
         return d
+
+
+TRAIN_METHODS = ("qalora", "qlora", "lora")
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraConfig:
+    """The adapters. Defaults as in the original QA-LoRA code: rank 64, alpha 16, dropout 0,
+    every attention and MLP projection. QA-LoRA's group size is read from the quantized base,
+    never set here.
+
+    Attributes:
+        rank: r, the inner dimension of ``B A``.
+        alpha: scaling numerator, ``s = alpha / r``.
+        dropout: dropout on the adapter input (after pooling for QA-LoRA).
+        targets: module-name suffixes that get an adapter.
+    """
+
+    rank: int = field(default=64, metadata={"help": "adapter rank r"})
+    alpha: float = field(default=16.0, metadata={"help": "adapter scaling numerator (s = alpha / r)"})
+    dropout: float = field(default=0.0, metadata={"help": "adapter dropout (after pooling for QA-LoRA)"})
+    targets: tuple[str, ...] = field(default=DEFAULT_TARGETS, metadata={"help": "module-name suffixes that get adapters"})
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise QaloraError(f"rank {self.rank!r} must be a positive integer, e.g. 8, 16 or 64")
+        if not 0 <= self.dropout < 1:
+            raise QaloraError(f"dropout {self.dropout!r} must be in [0, 1)")
+        self.targets = tuple(self.targets)
+        if not self.targets:
+            raise QaloraError("targets is empty; name at least one projection, e.g. q_proj v_proj")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["targets"] = list(self.targets)
+        return d

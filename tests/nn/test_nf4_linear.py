@@ -80,6 +80,28 @@ def test_grad_flows_to_input_only():
     assert layer.qweight.grad is None and layer.absmax.grad is None
 
 
+def test_grad_matches_plain_autograd_and_saves_nothing():
+    """The frozen-base backward (dequantize again in backward) equals autograd through W~."""
+    layer, _, b = _layer()
+    x = torch.randn(4, 128, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        y = layer(x)
+    assert saved == []  # neither x nor a dense [48, 128] weight is kept for backward
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    x_ref = x.detach().clone().requires_grad_(True)
+    (x_ref @ layer.dequantized_weight().T + b).backward(gy)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)  # fp32 GEMM rounding only
+
+
+def test_bf16_input_grad_dtype():
+    layer, _, _ = _layer()
+    x = torch.randn(3, 128, dtype=torch.bfloat16, requires_grad=True)
+    layer(x).float().sum().backward()
+    assert x.grad.dtype == torch.bfloat16
+
+
 def test_bad_block_size():
     with pytest.raises(QaloraError, match="block_size 64 does not divide in_features 96"):
         NF4Linear(96, 8, block_size=64)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qalora.nn.frozen import frozen_linear
 from qalora.quant.nf4 import check_block_size, nf4_dequantize, nf4_quantize
 from qalora.quant.packing import pack, packed_len, unpack
 
@@ -19,7 +20,9 @@ class NF4Linear(nn.Module):
         bias: ``[out]`` or absent.
 
     The forward dequantizes the weight just in time in fp32 (like the affine reference
-    kernel), so it is a plain differentiable function of ``x``: ``grad_x = grad_y @ W~``.
+    kernel) and goes through :func:`qalora.nn.frozen.frozen_linear`, as ``QuantLinear`` does:
+    ``grad_x = grad_y @ W~`` with ``W~`` dequantized again in backward, so neither ``x`` nor a
+    dense weight is kept alive between forward and backward.
     """
 
     bits = 4
@@ -64,13 +67,19 @@ class NF4Linear(nn.Module):
         return (self.qweight.numel() * self.qweight.element_size()
                 + self.absmax.numel() * self.absmax.element_size())
 
+    def base_matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        """``x2 [M, in] -> [M, out]`` fp32, ``x2 W~^T`` with no bias and no autograd."""
+        with torch.no_grad():
+            w = self.dequantized_weight(torch.float32)            # [out, in] fp32, freed on return
+            return x2.float() @ w.t()                             # [M, out] fp32
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> y: [..., out]
-        w = self.dequantized_weight(torch.float32)                # [out, in] fp32
-        y = x.float() @ w.t()                                     # [..., out] fp32
+        lead = x.shape[:-1]
+        y = frozen_linear(x.reshape(-1, self.in_features), self)  # [M, out] fp32
         if self.bias is not None:
             y = y + self.bias.float()
-        return y.to(x.dtype)
+        return y.to(x.dtype).reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
