@@ -57,6 +57,20 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from qalora.config import LoraConfig, TrainConfig
+    from qalora.train.loop import train
+
+    cfg = dataclass_from_args(TrainConfig, args)
+    lora = dataclass_from_args(LoraConfig, args)
+    out = train(args.model, args.out, cfg, lora, resume=args.resume, progress=not args.quiet)
+    start = out["val_loss_start"]
+    print(f"wrote {args.out}: {out['method']} adapter, {out['trainable_parameters']:,} trainable parameters; "
+          f"validation loss {start:.4f} -> {out['val_loss_end']:.4f}; {out['seconds_per_step']:.2f} s/step; "
+          f"peak RSS {out['peak_rss_mb'] / 1024:.2f} GB")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from qalora.api import load_model_and_tokenizer
     from qalora.eval.perplexity import perplexity
@@ -90,7 +104,7 @@ def cmd_generate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from qalora.config import QuantConfig
+    from qalora.config import LoraConfig, QuantConfig, TrainConfig
     from qalora.kernels.registry import KERNEL_CHOICES
 
     p = argparse.ArgumentParser(prog="qalora", description="Quantization-aware LoRA for group-wise quantized LLMs")
@@ -102,6 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     add_dataclass_args(q, QuantConfig)
     q.set_defaults(func=cmd_quantize)
+
+    t = sub.add_parser("train", help="train QA-LoRA (or the QLoRA / LoRA baselines) adapters")
+    t.add_argument("--model", default="default",
+                   help="qalora checkpoint for --method qalora; HF folder or 'default' for qlora and lora")
+    t.add_argument("--out", required=True, help="adapter folder (new, or an interrupted run with --resume)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_dataclass_args(t, TrainConfig)
+    add_dataclass_args(t, LoraConfig)
+    t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a model (perplexity on held-out LAMBADA passages)")
     e.add_argument("--model", default="default", help="qalora checkpoint, HF folder or 'default'")

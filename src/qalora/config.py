@@ -100,3 +100,59 @@ class LoraConfig:
         d = asdict(self)
         d["targets"] = list(self.targets)
         return d
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Defaults follow the original QA-LoRA code where it has one
+    (lr 2e-4, constant schedule, grad-norm clip 0.3).
+
+    Attributes:
+        method: ``qalora`` (QA-LoRA on an INTn qalora checkpoint), ``qlora`` (NF4 base + LoRA)
+            or ``lora`` (LoRA on the unquantized model).
+        data: ``default`` (embedded instruction mixture), a JSON/JSONL file or a datasets folder.
+        steps: optimizer steps.
+        batch_size: sequences per micro-batch; ``grad_accum`` micro-batches per step.
+        lr, warmup_steps, weight_decay, max_grad_norm: AdamW, constant LR after linear warmup.
+        max_seq_len: tokens per sequence (responses are truncated, prompts never).
+        compute_dtype: ``fp32`` or ``bf16`` (autocast; adapters and optimizer stay fp32).
+        eval_every, eval_batches: validation loss every N steps on a fixed set of batches.
+        save_every: checkpoint every N steps (atomic; the last two are kept).
+        grad_checkpointing: recompute decoder layers in backward to save activation memory.
+        seed: model init, dropout and data order.
+    """
+
+    method: str = field(default="qalora", metadata={"help": "qalora, qlora or lora"})
+    data: str = field(default="default", metadata={"help": "'default', a JSON/JSONL file or a datasets folder"})
+    steps: int = field(default=200, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=4, metadata={"help": "sequences per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    lr: float = field(default=2e-4, metadata={"help": "learning rate (constant after warmup)"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=0.3, metadata={"help": "gradient-norm clip (0 disables)"})
+    max_seq_len: int = field(default=256, metadata={"help": "tokens per training sequence"})
+    compute_dtype: str = field(default="fp32", metadata={"help": "fp32 or bf16"})
+    eval_every: int = field(default=50, metadata={"help": "validation loss every N steps"})
+    eval_batches: int = field(default=8, metadata={"help": "validation batches"})
+    save_every: int = field(default=50, metadata={"help": "checkpoint every N steps"})
+    grad_checkpointing: bool = field(default=False, metadata={"help": "recompute layers in backward"})
+    seed: int = field(default=0, metadata={"help": "seed for init, dropout and data order"})
+
+    def __post_init__(self) -> None:
+        if self.method not in TRAIN_METHODS:
+            raise QaloraError(f"method {self.method!r} is unknown; use one of {', '.join(TRAIN_METHODS)}")
+        if self.compute_dtype not in ("fp32", "bf16"):
+            raise QaloraError(f"compute_dtype {self.compute_dtype!r} is unknown; use fp32 or bf16")
+        for name in ("steps", "batch_size", "grad_accum", "max_seq_len", "eval_every", "eval_batches", "save_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise QaloraError(f"{name} {getattr(self, name)!r} must be a positive integer")
+        if self.max_seq_len < 8:
+            raise QaloraError(f"max_seq_len {self.max_seq_len} is too short; use at least 8 (e.g. 256)")
+        if not self.lr > 0:
+            raise QaloraError(f"lr {self.lr!r} must be positive, e.g. 2e-4")
+        if self.warmup_steps < 0 or self.max_grad_norm < 0 or self.weight_decay < 0:
+            raise QaloraError("warmup_steps, max_grad_norm and weight_decay must not be negative")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,233 @@
+"""The training loop shared by QA-LoRA and its baselines (``qalora train``).
+
+One optimizer step = ``grad_accum`` micro-batches whose summed token losses are divided by the
+step's total number of response tokens, so accumulation equals one large batch. The data order
+is a pure function of (seed, epoch) and the step number, and the RNG, optimizer and scheduler
+states are checkpointed, so a run stopped at any point and resumed ends with the same adapter
+as an uninterrupted run (bit-identical on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from qalora.adapters import adapter_state, add_adapters, load_adapter_state, trainable_parameters
+from qalora.config import LoraConfig, TrainConfig
+from qalora.errors import QaloraError
+from qalora.io import read_json, write_json
+from qalora.train.base import load_base
+from qalora.train.data import TrainData, load_train_data
+from qalora.train.state import latest_checkpoint, load_train_state, save_train_state
+
+ADAPTER_FILE = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_FORMAT = "qalora-adapter"
+RUN_FILE = "run.json"
+# what must match for --resume to continue a run exactly
+RESUME_KEYS = ("method", "base_sha256", "data", "batch_size", "grad_accum", "lr", "warmup_steps", "weight_decay",
+               "max_grad_norm", "max_seq_len", "compute_dtype", "seed", "lora")
+
+
+@dataclass
+class StepBatch:
+    micro: list[dict]
+    tokens: int
+
+
+def _step_batches(data: TrainData, step: int, cfg: TrainConfig) -> StepBatch:
+    """The micro-batches of optimizer step ``step`` (0-based), derived from the step alone."""
+    micro = []
+    for k in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum):
+        micro.append(data.train_batch(k))
+    return StepBatch(micro, sum(int((b["labels"] != -100).sum()) for b in micro))
+
+
+def _token_loss_sum(model, batch: dict, dtype_ctx) -> torch.Tensor:
+    """Sum of next-token cross entropies over response tokens (fp32)."""
+    with dtype_ctx():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=-100, reduction="sum")
+
+
+@torch.no_grad()
+def validation_loss(model, data: TrainData, dtype_ctx) -> float:
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in data.val_batches():
+        total += float(_token_loss_sum(model, batch, dtype_ctx))
+        count += int((batch["labels"][:, 1:] != -100).sum())
+    model.train(was)
+    return total / max(count, 1)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _run_identity(cfg: TrainConfig, lora: LoraConfig, base_sha: str) -> dict:
+    d = cfg.to_dict()
+    d.pop("steps"), d.pop("eval_every"), d.pop("eval_batches"), d.pop("save_every")
+    return {**d, "lora": lora.to_dict(), "base_sha256": base_sha}
+
+
+def _check_resume(adir: Path, identity: dict) -> None:
+    prev = read_json(adir / RUN_FILE, "run description")
+    for key in RESUME_KEYS:
+        if prev.get(key) != identity.get(key):
+            what = "base checkpoint" if key == "base_sha256" else key
+            raise QaloraError(f"--resume {str(adir)!r}: that run used a different {what} "
+                              f"({prev.get(key)!r} vs {identity.get(key)!r}); resume with the same settings or use a new --out")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop log lines past ``step`` (written by the interrupted run after its last checkpoint)."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, path)
+
+
+def _write_adapter(adir: Path, adapter: dict, config: dict) -> None:
+    from safetensors.torch import save_file
+
+    tmp = adir / f".{ADAPTER_FILE}.tmp"
+    save_file(adapter, str(tmp), metadata={"format": ADAPTER_FORMAT})
+    os.replace(tmp, adir / ADAPTER_FILE)
+    tmpc = adir / f".{ADAPTER_CONFIG}.tmp"
+    write_json(tmpc, config)
+    os.replace(tmpc, adir / ADAPTER_CONFIG)
+
+
+def train(model: str | os.PathLike | None, out: str | os.PathLike, cfg: TrainConfig | None = None,
+          lora: LoraConfig | None = None, resume: bool = False, progress: bool = True) -> dict:
+    """Train adapters of ``cfg.method`` on ``model``; write them to ``out``.
+
+    Returns the adapter config written to ``out/adapter_config.json`` (method, rank, alpha,
+    targets, group size, base fingerprint, trainable parameters, losses, speed, memory).
+    """
+    cfg, lora = cfg or TrainConfig(), lora or LoraConfig()
+    adir = Path(out).expanduser()
+    if resume and not (adir / RUN_FILE).is_file():
+        raise QaloraError(f"--resume {str(adir)!r}: no run to resume there (no {RUN_FILE})")
+    if not resume and adir.exists():
+        raise QaloraError(f"output {str(adir)!r} already exists; choose a new --out, or pass --resume to continue it")
+    if not adir.parent.exists():
+        raise QaloraError(f"the parent folder of output {str(adir)!r} does not exist")
+
+    base = load_base(cfg.method, model)
+    identity = _run_identity(cfg, lora, base.sha256)
+    if resume:
+        _check_resume(adir, identity)
+    data = load_train_data(cfg.data, base.tokenizer, cfg)  # validates data before any file is written
+
+    torch.manual_seed(cfg.seed)
+    net = base.model
+    names = add_adapters(net, cfg.method, lora)
+    n_trainable = trainable_parameters(net)
+    if cfg.grad_checkpointing:
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warm = cfg.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warm + 1)) if warm else 1.0)
+    dtype_ctx = (lambda: torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16)) \
+        if cfg.compute_dtype == "bf16" else nullcontext
+
+    start = 0
+    metrics = adir / "metrics.jsonl"
+    if resume and (ckpt := latest_checkpoint(adir)) is not None:
+        adapter, state = load_train_state(ckpt)
+        load_adapter_state(net, adapter)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        start = state["step"]
+        _truncate_metrics(metrics, start)
+    else:
+        adir.mkdir(exist_ok=resume)
+        write_json(adir / RUN_FILE, {**identity, "base_path": base.path, "targets_wrapped": len(names)})
+        metrics.write_text("")
+    if start >= cfg.steps:
+        raise QaloraError(f"--resume {str(adir)!r}: the run already reached step {start}; ask for more --steps")
+
+    print(f"qalora train: method {cfg.method}, {len(names)} adapters, {n_trainable:,} trainable parameters, "
+          f"{data.n_train} train / {data.n_val} validation examples", flush=True)
+    val0 = validation_loss(net, data, dtype_ctx)
+    if start == 0:
+        _log(metrics, {"step": 0, "val_loss": val0})
+    net.train()
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.method}", disable=not progress)
+    t_start, tokens_seen, last_good = time.time(), 0, start
+    val = val0
+    for step in range(start, cfg.steps):
+        t0 = time.time()
+        sb = _step_batches(data, step, cfg)
+        loss_sum = 0.0
+        for batch in sb.micro:
+            loss = _token_loss_sum(net, batch, dtype_ctx) / max(sb.tokens, 1)
+            loss.backward()
+            loss_sum += float(loss)
+        if not math.isfinite(loss_sum):
+            bar.close()
+            raise QaloraError(f"the loss became {loss_sum} at step {step + 1}; stopped. The last good checkpoint "
+                              f"is step {last_good} in {str(adir / 'checkpoints')!r}; lower --lr or check the data")
+        gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)) if cfg.max_grad_norm > 0 \
+            else float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        dt = time.time() - t0
+        tokens_seen += sb.tokens
+        rec = {"step": step + 1, "loss": loss_sum, "lr": scheduler.get_last_lr()[0], "grad_norm": gnorm,
+               "tokens": sb.tokens, "seconds": round(dt, 4)}
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            val = rec["val_loss"] = validation_loss(net, data, dtype_ctx)
+        _log(metrics, rec)
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            save_train_state(adir, step + 1, adapter_state(net), optimizer, scheduler)
+            last_good = step + 1
+        bar.set_postfix(loss=f"{loss_sum:.3f}", val=f"{val:.3f}", tok_s=f"{tokens_seen / (time.time() - t_start):.0f}")
+        bar.update(1)
+    bar.close()
+    elapsed = time.time() - t_start
+    steps_run = cfg.steps - start
+    config = {"format": ADAPTER_FORMAT, "format_version": 1, "method": cfg.method, "rank": lora.rank,
+              "alpha": lora.alpha, "dropout": lora.dropout, "targets": list(lora.targets),
+              "modules": names, "group_size": base.group_size if cfg.method != "lora" else None,
+              "base_bits": base.bits, "base_path": base.path, "base_sha256": base.sha256,
+              "trainable_parameters": n_trainable, "steps": cfg.steps, "train_config": cfg.to_dict(),
+              "val_loss_start": _first_val(metrics), "val_loss_end": val,
+              "seconds_per_step": elapsed / max(steps_run, 1), "peak_rss_mb": round(_peak_rss_mb(), 1)}
+    _write_adapter(adir, adapter_state(net), config)
+    return config
+
+
+def _log(path: Path, rec: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def _first_val(path: Path) -> float | None:
+    for ln in path.read_text().splitlines():
+        rec = json.loads(ln)
+        if "val_loss" in rec:
+            return rec["val_loss"]
+    return None
