@@ -141,7 +141,10 @@ def train(model: str | os.PathLike | None, out: str | os.PathLike, cfg: TrainCon
     names = add_adapters(net, cfg.method, lora)
     n_trainable = trainable_parameters(net)
     if cfg.grad_checkpointing:
-        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(net, "activation_checkpointing_enable"):
+            net.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warm = cfg.warmup_steps
@@ -184,7 +187,7 @@ def train(model: str | os.PathLike | None, out: str | os.PathLike, cfg: TrainCon
         for batch in sb.micro:
             loss = _token_loss_sum(net, batch, dtype_ctx) / max(sb.tokens, 1)
             loss.backward()
-            loss_sum += float(loss)
+            loss_sum += float(loss.detach())
         if not math.isfinite(loss_sum):
             bar.close()
             raise QaloraError(f"the loss became {loss_sum} at step {step + 1}; stopped. The last good checkpoint "
