@@ -3,12 +3,13 @@ the adapters into the quantized weights exactly."""
 
 from qalora.api import generate, load_model_and_tokenizer, quantize
 from qalora.checkpoint import load, save_checkpoint
-from qalora.config import QuantConfig
+from qalora.config import LoraConfig, QuantConfig, TrainConfig
 from qalora.errors import QaloraError
 from qalora.nn.quant_linear import QuantLinear
 from qalora.quant.weight import QuantizedWeight
 from qalora.quantize import quantize_model
+from qalora.train.loop import train
 
 __version__ = "0.1.0"
-__all__ = ["QaloraError", "QuantConfig", "QuantLinear", "QuantizedWeight", "generate", "load",
+__all__ = ["LoraConfig", "QaloraError", "QuantConfig", "TrainConfig", "train", "QuantLinear", "QuantizedWeight", "generate", "load",
            "load_model_and_tokenizer", "quantize", "quantize_model", "save_checkpoint"]

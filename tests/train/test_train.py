@@ -198,3 +198,16 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, q_dir, data_f
         train(q_dir, tmp_path / "a", cfg(data_file, steps=8), LORA, progress=False)
     assert (tmp_path / "a" / "checkpoints" / "step-000002" / "adapter.safetensors").is_file()
     assert not (tmp_path / "a" / "adapter.safetensors").exists()
+
+
+def test_bf16_compute_runs_and_keeps_fp32_adapters(tmp_path, q_dir, data_file):
+    out = train(q_dir, tmp_path / "bf", cfg(data_file, steps=2, compute_dtype="bf16"), LORA, progress=False)
+    tensors = load_file(str(tmp_path / "bf" / "adapter.safetensors"))
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+    assert out["val_loss_end"] == out["val_loss_end"]  # finite, not nan
+
+
+def test_python_api_is_exported():
+    import qalora
+
+    assert qalora.train is train and qalora.TrainConfig is TrainConfig and qalora.LoraConfig is LoraConfig
