@@ -67,23 +67,31 @@ def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_checkpoint(model: nn.Module, tokenizer, out: str | os.PathLike, meta: dict) -> dict:
-    """Write ``model`` (with its ``QuantLinear`` layers) to a new folder ``out``, atomically.
-    Returns the ``qalora.json`` written (``meta`` plus format, layer table and hash)."""
+def write_checkpoint(model: nn.Module, tokenizer, folder: Path, meta: dict) -> dict:
+    """Write the checkpoint files into an existing (staging) ``folder``; returns ``qalora.json``."""
     layers = layer_table(model)
     if not layers:
         raise QaloraError("the model has no quantized layers to save; quantize it first")
-    with atomic_dir(out) as tmp:
-        save_file(_unique_state(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "qalora": str(FORMAT_VERSION)})
-        model.config.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        full = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "layers": layers,
-                "sha256": {WEIGHTS_FILE: sha256_file(tmp / WEIGHTS_FILE)}}
-        write_json(tmp / META_FILE, full)
+    folder = Path(folder)
+    save_file(_unique_state(model), str(folder / WEIGHTS_FILE), metadata={"format": "pt", "qalora": str(FORMAT_VERSION)})
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    full = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "layers": layers,
+            "sha256": {WEIGHTS_FILE: sha256_file(folder / WEIGHTS_FILE)}}
+    write_json(folder / META_FILE, full)
     return full
+
+
+def save_checkpoint(model: nn.Module, tokenizer, out: str | os.PathLike, meta: dict) -> dict:
+    """Write ``model`` (with its ``QuantLinear`` layers) to a new folder ``out``, atomically.
+    Returns the ``qalora.json`` written (``meta`` plus format, layer table and hash)."""
+    if not layer_table(model):
+        raise QaloraError("the model has no quantized layers to save; quantize it first")
+    with atomic_dir(out) as tmp:
+        return write_checkpoint(model, tokenizer, tmp, meta)
 
 
 def read_meta(path: str | os.PathLike) -> dict:

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from qalora.config import QuantConfig
 from qalora.errors import QaloraError
-from qalora.patch import decoder_layers, find_linears, replacement_for, set_submodule
+from qalora.patch import decoder_layers, find_linears, replacement_for, set_kernel, set_submodule
 from qalora.quant.gptq import HessianAccumulator, gptq_quantize
 from qalora.quant.qparams import check_group_size
 from qalora.quant.rtn import rtn_quantize
@@ -225,5 +225,6 @@ def quantize_model(model: nn.Module, config: QuantConfig, calib: torch.Tensor | 
         errors = quantize_gptq(model, config, calib, progress)
     else:
         errors = quantize_rtn(model, config, progress)
+    set_kernel(model, "auto")  # calibration ran on the exact fp32 path; inference picks the fastest
     return {"method": config.method, "bits": config.bits, "group_size": config.group_size,
             "seconds": round(time.time() - t0, 2), "layer_errors": errors}

@@ -73,7 +73,7 @@ def test_auto_policy_and_refusals():
     layer, *_ = make_layer(64, 128, 4, 32)
     cpu = torch.device("cpu")
     assert select_kernel(layer, cpu, 1).name == "int4"
-    assert select_kernel(layer, cpu, 4096).name == "reference"
+    assert select_kernel(layer, cpu, 4096).name == "int4"  # fastest at every M measured here
     layer8, *_ = make_layer(64, 128, 8, 32)
     assert select_kernel(layer8, cpu, 1).name == "reference"
     with pytest.raises(QaloraError, match="kernel 'int4' cannot run a 8-bit g32"):

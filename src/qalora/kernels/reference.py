@@ -1,8 +1,8 @@
 """Reference kernel: unpack the codes, dequantize in fp32, one dense GEMM.
 
-Works for every width and group size. For many rows (prefill, training, perplexity) it is
-also the fastest path on CPU: dequantizing one layer just in time and using the fp32 GEMM
-beats the int4 kernel there (see ``benchmarks/kernels.py``).
+Works for every width and group size, in fp32 (the exact path: merge verification and GPTQ
+calibration use it). It dequantizes the whole layer per call, so it is the slow path
+(``benchmarks/kernels.py``); ``auto`` uses it only where the int4 kernel cannot run.
 """
 
 from __future__ import annotations

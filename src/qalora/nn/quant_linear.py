@@ -21,9 +21,8 @@ class QuantLinear(nn.Module):
         scale, offset: fp32 ``[out, in / L]``.
         bias: ``[out]`` or absent.
 
-    ``kernel`` picks the matmul: ``"auto"`` (int4 tinygemm for few rows on CPU and for any
-    batch on CUDA when bits <= 4 and L in {32, 64, 128, 256}; else reference), ``"int4"`` or
-    ``"reference"``. A kernel's repacked weights are cached per device and rebuilt when the
+    ``kernel`` picks the matmul: ``"auto"`` (int4 tinygemm when bits <= 4, L in {32, 64, 128,
+    256} and the shape fits the kernel; else reference), ``"int4"`` or ``"reference"``. A kernel's repacked weights are cached per device and rebuilt when the
     buffers change (e.g. after a merge writes new offsets).
     """
 

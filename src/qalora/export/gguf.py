@@ -1,0 +1,387 @@
+"""Export a qalora checkpoint to a GGUF file llama.cpp (and ollama) run: architecture ``llama``,
+quantized projections as ``Q4_1``.
+
+    export_gguf("ckpt", "model.gguf")          # -> report dict
+
+What is written:
+- metadata: ``general.*``, ``llama.*`` hyper-parameters (context, widths, heads, RMS eps, RoPE
+  base and dimension), file type ``MOSTLY_Q4_1``, quantization version 2;
+- the tokenizer (GPT-2 style byte-level BPE ``tokenizer.json`` only): tokens, token types,
+  merges, special token ids, chat template;
+- tensors with llama.cpp names: every ``QuantLinear`` as Q4_1 (``d = scale``, ``m = offset``,
+  exact up to fp16 rounding of d and m, see ``gguf_blocks``); Q and K rows reordered to
+  llama.cpp's rotary layout; norms and biases F32; embeddings (and an untied, unquantized
+  ``lm_head``) F16 or F32; ``output.weight`` only when the checkpoint holds an ``lm_head``
+  (tied embeddings write none).
+
+Weights that Q4_1 cannot hold (8-bit codes, group sizes not a multiple of 32) are refused,
+unless ``fallback="f16"``: then they are written dequantized as F16 and the report records
+each one's max abs error against qalora's fp32 weight. The report records that error for every
+tensor. Tensors are converted and written one at a time (memory: one layer), into a temporary
+file in the output folder that is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from qalora.checkpoint import WEIGHTS_FILE, read_meta
+from qalora.errors import QaloraError
+from qalora.export.gguf_blocks import (Q4_1_BLOCK, Q4_1_BYTES, max_abs_diff, q4_1_blocks, q4_1_unsupported,
+                                       q4_1_weights, rotary_row_order, to_f16)
+from qalora.io import check_new_output, read_json, sha256_file
+from qalora.quant.qparams import dequantize
+from qalora.quant.weight import QuantizedWeight
+
+FALLBACKS = ("f16",)
+FLOAT_TYPES = ("f16", "f32")
+ROPE_TYPES = ("default", "linear")
+_GGML = gguf.GGMLQuantizationType
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+def _looks_special(text: str) -> bool:
+    """Added tokens llama.cpp's converter treats as control tokens even when not marked special."""
+    return (text.startswith("<|") and text.endswith("|>")) or text in ("<pad>", "<mask>")
+
+
+def _pre_steps(tokenizer: dict) -> list[dict]:
+    pre = tokenizer.get("pre_tokenizer") or {}
+    return list(pre.get("pretokenizers", [])) if pre.get("type") == "Sequence" else [pre]
+
+
+def _is_byte_level(step: dict) -> bool:
+    return step.get("type") == "ByteLevel" and step.get("use_regex", True) and not step.get("add_prefix_space", False)
+
+
+# Ordered, first match wins: (llama.cpp pre-tokenizer name, test on (pre-tokenizer steps, name hints)).
+PRE_TOKENIZER_RULES = (
+    ("smollm", lambda steps, hints: len(steps) == 2 and steps[0].get("type") == "Digits"
+     and steps[0].get("individual_digits") and _is_byte_level(steps[1])),
+    # Folders rebuilt from SmolLM2's own GGUF (transformers' GGUF loader) lose the Digits step;
+    # SmolLM2's vocabulary has no token mixing a digit with anything, so "smollm" and "gpt2" agree.
+    ("smollm", lambda steps, hints: len(steps) == 1 and _is_byte_level(steps[0])
+     and any("smollm" in h.lower() for h in hints)),
+    ("gpt2", lambda steps, hints: len(steps) == 1 and _is_byte_level(steps[0])),
+)
+
+
+def choose_pre_tokenizer(tokenizer: dict, hints: tuple[str, ...] = ()) -> str:
+    """llama.cpp's ``tokenizer.ggml.pre`` for a ``tokenizer.json`` (first matching rule of
+    ``PRE_TOKENIZER_RULES``), or ``"default"`` (llama.cpp's generic regex) when none matches."""
+    steps = _pre_steps(tokenizer)
+    return next((pre for pre, test in PRE_TOKENIZER_RULES if test(steps, hints)), "default")
+
+
+def bpe_vocab(tokenizer: dict, vocab_size: int) -> tuple[list[str], list[int]]:
+    """Tokens and token types for ids ``0 … vocab_size - 1``, as llama.cpp's HF converter makes
+    them: vocabulary entries NORMAL; added tokens CONTROL when special (or ``<|…|>``), else
+    USER_DEFINED; ids without a token ``[PAD{id}]`` UNUSED."""
+    model = tokenizer.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback") or (tokenizer.get("decoder") or {}).get("type") != "ByteLevel":
+        raise QaloraError("GGUF export supports GPT-2 style byte-level BPE tokenizers (tokenizer.json with a BPE model "
+                          f"and a ByteLevel decoder); this one has model {model.get('type')!r}, decoder "
+                          f"{(tokenizer.get('decoder') or {}).get('type')!r}")
+    by_id: dict[int, tuple[str, int]] = {i: (t, gguf.TokenType.NORMAL) for t, i in model["vocab"].items()}
+    for added in tokenizer.get("added_tokens") or []:
+        text = added["content"]
+        special = added.get("special") or _looks_special(text)
+        by_id[added["id"]] = (text, gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
+    if by_id and max(by_id) >= vocab_size:
+        raise QaloraError(f"the tokenizer has token id {max(by_id)} but the model's vocabulary (embedding rows) "
+                          f"is {vocab_size}")
+    tokens, types = [], []
+    for i in range(vocab_size):
+        text, typ = by_id.get(i, (f"[PAD{i}]", gguf.TokenType.UNUSED))
+        tokens.append(text)
+        types.append(int(typ))
+    return tokens, types
+
+
+def add_tokenizer(writer: gguf.GGUFWriter, folder: str | os.PathLike, vocab_size: int,
+                  pre_tokenizer: str | None = None, hints: tuple[str, ...] = ()) -> dict:
+    """Write ``folder``'s byte-level BPE tokenizer (``tokenizer.json``, ``tokenizer_config.json``,
+    chat template) into ``writer``'s metadata; returns what was written."""
+    folder = Path(folder)
+    tokenizer = read_json(folder / "tokenizer.json", "tokenizer")
+    tokens, types = bpe_vocab(tokenizer, vocab_size)
+    pre = pre_tokenizer or choose_pre_tokenizer(tokenizer, hints)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size)
+    if not special.merges:
+        raise QaloraError(f"{str(folder / 'tokenizer.json')!r} has no BPE merges; llama.cpp's gpt2 tokenizer needs them")
+    special.add_to_gguf(writer, quiet=True)
+    if "bos" not in special.add_special_token:
+        writer.add_add_bos_token(False)  # byte-level BPE chat models (SmolLM2, GPT-2) add no BOS by themselves
+    return {"model": "gpt2", "pre": pre, "tokens": len(tokens), "merges": len(special.merges),
+            "special_ids": dict(special.special_token_ids), "chat_template": special.chat_template is not None}
+
+
+# --------------------------------------------------------------------------- metadata
+
+def _rope(config) -> tuple[float, str, float | None]:
+    """``(rope_theta, rope_type, linear factor)`` from transformers 5's ``config.rope_parameters``
+    (``{"rope_theta": …, "rope_type": …}``) or an older top-level ``config.rope_theta``."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    if any(isinstance(v, dict) for v in params.values()):
+        raise QaloraError(f"per-layer-type RoPE parameters {params!r} are not supported by the GGUF exporter")
+    theta = params.get("rope_theta", getattr(config, "rope_theta", None) or 10000.0)
+    rope_type = params.get("rope_type", "default")
+    if rope_type not in ROPE_TYPES:
+        raise QaloraError(f"RoPE type {rope_type!r} is not supported by the GGUF exporter; it writes {', '.join(ROPE_TYPES)}")
+    factor = params.get("factor")
+    if rope_type == "linear" and not factor:
+        raise QaloraError(f"linear RoPE scaling without a factor in {params!r}")
+    return float(theta), rope_type, factor
+
+
+def add_llama_metadata(writer: gguf.GGUFWriter, config, name: str) -> dict:
+    """``general.*`` and ``llama.*`` keys for a transformers ``LlamaConfig``; returns them."""
+    if config.model_type != "llama":
+        raise QaloraError(f"GGUF export writes llama-architecture models; this checkpoint is {config.model_type!r}")
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise QaloraError(f"hidden_act {config.hidden_act!r} is not supported by llama.cpp's llama architecture (silu)")
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    theta, rope_type, factor = _rope(config)
+    meta = {"name": name, "context_length": config.max_position_embeddings, "embedding_length": config.hidden_size,
+            "block_count": config.num_hidden_layers, "feed_forward_length": config.intermediate_size,
+            "head_count": heads, "head_count_kv": kv_heads, "layer_norm_rms_epsilon": float(config.rms_norm_eps),
+            "rope_freq_base": theta, "rope_dimension_count": head_dim, "vocab_size": config.vocab_size}
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name)
+    writer.add_context_length(meta["context_length"])
+    writer.add_embedding_length(meta["embedding_length"])
+    writer.add_block_count(meta["block_count"])
+    writer.add_feed_forward_length(meta["feed_forward_length"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_layer_norm_rms_eps(meta["layer_norm_rms_epsilon"])
+    writer.add_rope_freq_base(theta)
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim * heads != config.hidden_size:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    if rope_type == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(factor))
+        meta["rope_scaling_factor"] = float(factor)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    return meta
+
+
+# --------------------------------------------------------------------------- tensors
+
+@dataclass
+class _Planned:
+    """One GGUF tensor: where it comes from and how it is converted."""
+    name: str                   # GGUF name, e.g. blk.0.attn_q.weight
+    source: str                 # checkpoint module (quantized) or tensor name
+    kind: str                   # "q4_1" | "fallback" (dequantized F16) | "float" (float_type) | "f32"
+    shape: tuple[int, ...]      # logical numpy shape, [rows, cols] or [n]
+    heads: int | None = None    # rotary row reordering (attn_q / attn_k), else None
+    spec: dict | None = None    # quantized layer spec from qalora.json
+    reason: str | None = None   # why a quantized layer falls back
+
+    def info(self, float_type: str) -> tuple[tuple[int, ...], np.dtype, int, gguf.GGMLQuantizationType]:
+        """(stored numpy shape, numpy dtype, bytes, GGML type) for ``add_tensor_info``."""
+        n = int(np.prod(self.shape))
+        if self.kind == "q4_1":
+            rows, cols = self.shape
+            return (rows, cols // Q4_1_BLOCK * Q4_1_BYTES), np.dtype(np.uint8), n // Q4_1_BLOCK * Q4_1_BYTES, _GGML.Q4_1
+        if self.kind == "fallback" or (self.kind == "float" and float_type == "f16"):
+            return self.shape, np.dtype(np.float16), 2 * n, _GGML.F16
+        return self.shape, np.dtype(np.float32), 4 * n, _GGML.F32
+
+
+def _order(p: _Planned) -> tuple:
+    m = re.match(r"blk\.(\d+)\.", p.name)
+    return (int(m.group(1)) + 1 if m else (0 if p.name.startswith("token_embd") else 10**9), p.name)
+
+
+def plan_tensors(shapes: dict[str, tuple[int, ...]], layers: dict[str, dict], config, fallback: str | None) -> list[_Planned]:
+    """Map every checkpoint tensor to a GGUF tensor; refuse unknown tensors and, without a
+    fallback, quantized layers Q4_1 cannot hold."""
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    heads = {"attn_q": config.num_attention_heads,
+             "attn_k": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
+    left = set(shapes)
+    plan = []
+
+    def gguf_name(source: str, suffixes=(".weight", ".bias")) -> str:
+        name = names.get_name(source, try_suffixes=suffixes)
+        if name is None:
+            raise QaloraError(f"checkpoint tensor {source!r} has no llama.cpp counterpart; the GGUF exporter "
+                              "writes Llama models (embeddings, attention, MLP, norms, lm_head)")
+        return name
+
+    def rotary(name: str) -> int | None:
+        return heads.get(name.split(".")[-2]) if name.startswith("blk.") else None
+
+    for module, spec in layers.items():
+        if spec.get("kind", "affine") != "affine":
+            raise QaloraError(f"layer {module!r} has kind {spec.get('kind')!r}; the GGUF exporter writes affine "
+                              "(scale * q + offset) layers")
+        parts = [f"{module}.{p}" for p in ("qweight", "scale", "offset")]
+        if missing := [p for p in parts if p not in left]:
+            raise QaloraError(f"checkpoint lacks {missing[0]!r} of quantized layer {module!r}")
+        left.difference_update(parts)
+        name = gguf_name(module + ".weight", (".weight",))
+        why = q4_1_unsupported(spec["bits"], spec["group_size"], spec["in_features"])
+        if why is not None and fallback is None:
+            raise QaloraError(f"{module} (int{spec['bits']}, group_size {spec['group_size']}) cannot be written as "
+                              f"GGUF Q4_1: {why}; export with fallback='f16' to write it dequantized as F16 "
+                              "(its error is recorded in the report)")
+        plan.append(_Planned(name, module, "q4_1" if why is None else "fallback",
+                             (spec["out_features"], spec["in_features"]), rotary(name), spec, why))
+    for key in sorted(left):
+        name = gguf_name(key)
+        shape = tuple(shapes[key])
+        plan.append(_Planned(name, key, "float" if len(shape) == 2 else "f32", shape, rotary(name)))
+    if not any(p.name == "output.weight" for p in plan) and not getattr(config, "tie_word_embeddings", False):
+        raise QaloraError("the checkpoint has no lm_head but its config does not tie it to the embeddings")
+    return sorted(plan, key=_order)
+
+
+def convert_tensor(p: _Planned, get, float_type: str) -> tuple[np.ndarray, float]:
+    """``(array to write, max abs error vs qalora's fp32 tensor)``; ``get(name)`` reads a
+    checkpoint tensor."""
+    if p.spec is None:
+        w = get(p.source).float()
+        if p.heads:
+            w = w[torch.from_numpy(rotary_row_order(w.shape[0], p.heads))]
+        if p.kind == "float" and float_type == "f16":
+            return to_f16(w, p.source)
+        return w.numpy().astype(np.float32, copy=False), 0.0
+    s = p.spec
+    qw = QuantizedWeight(get(f"{p.source}.qweight"), get(f"{p.source}.scale").float(), get(f"{p.source}.offset").float(),
+                         s["bits"], s["group_size"], s["in_features"])
+    codes, scale, offset = qw.codes(), qw.scale, qw.offset
+    if p.heads:  # rows move whole: codes, scales and offsets together
+        order = torch.from_numpy(rotary_row_order(codes.shape[0], p.heads))
+        codes, scale, offset = codes[order], scale[order], offset[order]
+    exact = dequantize(codes, scale, offset, s["group_size"])  # qalora's fp32 weight [out, in], GGUF row order
+    if p.kind == "fallback":
+        return to_f16(exact, p.source)
+    blocks = q4_1_blocks(codes, scale, offset, s["group_size"], p.source)
+    return blocks, max_abs_diff(q4_1_weights(codes, scale, offset, s["group_size"]), exact)
+
+
+# --------------------------------------------------------------------------- export
+
+def _hints(model_dir: Path, meta: dict) -> tuple[str, ...]:
+    raw = read_json(model_dir / "config.json", "model config")
+    found = [raw.get("_name_or_path"), raw.get("_model_name_or_path"), meta.get("source_model"),
+             meta.get("source_folder"), model_dir.name]
+    return tuple(str(h) for h in found if h)
+
+
+def export_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, *, fallback: str | None = None,
+                float_type: str = "f16", name: str | None = None, pre_tokenizer: str | None = None,
+                verify: bool = True, progress: bool = True) -> dict:
+    """Write the qalora checkpoint ``model_dir`` as a llama.cpp GGUF file ``out_path`` (new).
+
+    Args:
+        fallback: ``None`` refuses quantized layers Q4_1 cannot hold; ``"f16"`` writes them
+            dequantized as F16 (error recorded in the report).
+        float_type: ``"f16"`` or ``"f32"`` for unquantized matrices (embeddings, untied lm_head).
+        name: ``general.name`` (default: the checkpoint folder's name).
+        pre_tokenizer: llama.cpp pre-tokenizer (default: ``choose_pre_tokenizer``).
+        verify: check the weights' sha256 against ``qalora.json`` first.
+    Returns:
+        the report: path, file bytes, tensor count per GGML type, per tensor its type, source and
+        max abs error vs qalora's fp32 weight, fallback tensors, tokenizer and metadata written.
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    start = time.perf_counter()
+    if fallback not in (None, *FALLBACKS):
+        raise QaloraError(f"fallback {fallback!r} is unknown; use None (refuse) or one of {', '.join(FALLBACKS)}")
+    if float_type not in FLOAT_TYPES:
+        raise QaloraError(f"float_type {float_type!r} is unknown; use one of {', '.join(FLOAT_TYPES)}")
+    out = check_new_output(out_path)
+    model_dir = Path(model_dir).expanduser()
+    meta = read_meta(model_dir)
+    weights = model_dir / WEIGHTS_FILE
+    if not weights.is_file():
+        raise QaloraError(f"checkpoint weights {str(weights)!r} are missing")
+    if verify and (want := meta.get("sha256", {}).get(WEIGHTS_FILE)) and sha256_file(weights) != want:
+        raise QaloraError(f"checkpoint weights {str(weights)!r} are corrupt (sha256 differs from qalora.json)")
+    config = AutoConfig.from_pretrained(model_dir)
+    name = name or model_dir.resolve().name
+
+    writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    metadata = add_llama_metadata(writer, config, name)
+    with safe_open(str(weights), framework="pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        plan = plan_tensors(shapes, meta["layers"], config, fallback)
+        embd = next(p for p in plan if p.name == "token_embd.weight")
+        if embd.shape[0] != config.vocab_size:
+            raise QaloraError(f"embedding has {embd.shape[0]} rows but config.vocab_size is {config.vocab_size}")
+        tok = add_tokenizer(writer, model_dir, config.vocab_size, pre_tokenizer, _hints(model_dir, meta))
+        for p in plan:
+            shape, dtype, nbytes, ggml = p.info(float_type)
+            writer.add_tensor_info(p.name, shape, dtype, nbytes, raw_dtype=ggml if ggml == _GGML.Q4_1 else None)
+
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+        os.close(fd)
+        tensors, ok = {}, False
+        try:
+            writer.write_header_to_file(Path(tmp))
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for p in tqdm(plan, desc="gguf", disable=not progress):
+                array, err = convert_tensor(p, f.get_tensor, float_type)
+                writer.write_tensor_data(array)
+                tensors[p.name] = {"type": p.info(float_type)[3].name, "source": p.source, "max_abs_error": err}
+            writer.close()
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, out)
+            ok = True
+        finally:
+            writer.close()
+            if not ok and os.path.exists(tmp):
+                os.unlink(tmp)
+
+    types: dict[str, int] = {}
+    for t in tensors.values():
+        types[t["type"]] = types.get(t["type"], 0) + 1
+    report = {"path": str(out), "file_bytes": out.stat().st_size, "tensor_types": types,
+              "max_abs_error": max((t["max_abs_error"] for t in tensors.values()), default=0.0),
+              "fallback": {p.name: {"source": p.source, "reason": p.reason, "max_abs_error": tensors[p.name]["max_abs_error"]}
+                           for p in plan if p.kind == "fallback"},
+              "tensors": tensors, "tokenizer": tok, "metadata": metadata,
+              "seconds": round(time.perf_counter() - start, 2)}
+    if progress:
+        print(format_report(report), flush=True)
+    return report
+
+
+def format_report(report: dict) -> str:
+    """A few human-readable lines summarising an ``export_gguf`` report."""
+    types = ", ".join(f"{n} {t}" for t, n in sorted(report["tensor_types"].items()))
+    lines = [f"wrote {report['path']} ({report['file_bytes'] / 2**20:.1f} MiB): {types}",
+             f"tokenizer: {report['tokenizer']['model']}/{report['tokenizer']['pre']}, "
+             f"{report['tokenizer']['tokens']} tokens, {report['tokenizer']['merges']} merges",
+             f"max abs error vs qalora's fp32 weights: {report['max_abs_error']:.3g} (fp16 rounding of d, m, floats)"]
+    for n, fb in report["fallback"].items():
+        lines.append(f"fallback F16: {n} ({fb['source']}): {fb['reason']}; max abs error {fb['max_abs_error']:.3g}")
+    return "\n".join(lines)

@@ -1,0 +1,304 @@
+"""Exact merge of QA-LoRA adapters into group-wise quantized weights, and its verification.
+
+A ``QALoRALinear`` computes ``y = x W~^T + s * B(A(pool(x)))`` where ``pool`` averages each
+group of ``L`` contiguous input features, ``A: [r, G]``, ``B: [out, r]``, ``G = in / L`` and
+``s = alpha / r``. Written per weight, the adapter adds ``s * (B A)[o, g] / L`` to every weight
+of group ``g`` in row ``o`` — a per-(row, group) constant — so it folds into the float offsets::
+
+    offset'[o, g] = offset[o, g] + s * (B @ A)[o, g] / L        # codes q and scale unchanged
+
+No re-quantization happens: the merged model computes the same function as the unmerged
+one, up to fp32 rounding. ``verify_merge`` measures that on a few prompts, and ``merge`` (the
+``qalora merge`` command) refuses to write a checkpoint whose logits drift past a tolerance.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+from torch import nn
+
+from qalora.adapters import add_adapters, load_adapter_state
+from qalora.checkpoint import WEIGHTS_FILE, load, read_meta, write_checkpoint
+from qalora.config import LoraConfig
+from qalora.errors import QaloraError
+from qalora.io import atomic_dir, check_new_output, read_json, sha256_file, write_json
+from qalora.kernels.int4 import int4_supports
+from qalora.models import load_tokenizer
+from qalora.nn.lora import LoRALinear, QALoRALinear
+from qalora.nn.quant_linear import QuantLinear
+from qalora.patch import quant_layers, set_kernel, set_submodule
+from qalora.train.loop import ADAPTER_CONFIG, ADAPTER_FILE, ADAPTER_FORMAT  # the folder 'qalora train' writes
+
+REPORT_FILE = "merge_report.json"
+
+# Short, tokenizer-agnostic texts; each is run alone (no padding), so no attention mask matters.
+DEFAULT_PROMPTS = (
+    "The capital of France is",
+    "Question: What do bees make?\nAnswer:",
+    "def add(a, b):\n    return",
+    "Quantized weights keep a scale and an offset for every group of",
+)
+
+# kernel -> dtype its matmuls run in (reported beside the logit differences)
+VERIFY_KERNELS = {"reference": "fp32", "int4": "bf16"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure tensor function
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def merge_offsets(offset: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
+                  group_size: int) -> torch.Tensor:
+    """``offset' = offset + scaling * (B @ A) / group_size``, a new tensor.
+
+    Args:
+        offset: ``[out, G]`` float offsets of the quantized layer (fp32).
+        A: ``[r, G]`` QA-LoRA down projection (acts on the group-pooled input).
+        B: ``[out, r]`` up projection.
+        scaling: ``s = alpha / r``.
+        group_size: ``L``, input columns per group (the pooling divides by it).
+    Returns:
+        ``[out, G]`` in ``offset.dtype`` on ``offset.device``.
+
+    Precision: the delta and the sum are computed in float64 and rounded to ``offset.dtype``
+    once, so ``offset'`` is the fp32 number nearest to the exact ``offset + s (BA)/L`` (an fp32
+    delta added in fp32 would round twice). A zero adapter therefore leaves ``offset`` bit-identical.
+    """
+    if offset.dim() != 2 or A.dim() != 2 or B.dim() != 2:
+        raise ValueError(f"offset, A and B must be matrices, got shapes {tuple(offset.shape)}, "
+                         f"{tuple(A.shape)}, {tuple(B.shape)}")
+    out_f, groups = offset.shape
+    if A.shape[1] != groups or B.shape != (out_f, A.shape[0]):
+        raise ValueError(f"shapes do not chain: offset {tuple(offset.shape)} needs A [r, {groups}] and "
+                         f"B [{out_f}, r]; got A {tuple(A.shape)}, B {tuple(B.shape)}")
+    if group_size < 1:
+        raise ValueError(f"group_size {group_size!r} must be positive")
+    dev = offset.device
+    delta = (B.detach().to(dev, torch.float64) @ A.detach().to(dev, torch.float64)) * scaling / group_size  # [out, G]
+    return (offset.to(torch.float64) + delta).to(offset.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------
+
+def merge_qalora_layer(layer: QALoRALinear) -> QuantLinear:
+    """A new ``QuantLinear`` equal to ``layer`` (base + adapter) with the adapter folded into
+    its offsets. ``qweight``, ``scale`` and ``bias`` are the base's very tensors (unchanged);
+    only ``offset`` is new. ``layer`` itself is left as it was."""
+    base = layer.base
+    if not isinstance(base, QuantLinear):
+        raise QaloraError(f"cannot merge into a {type(base).__name__}: the exact merge needs a group-wise "
+                          "QuantLinear with float offsets")
+    merged = QuantLinear(base.in_features, base.out_features, base.bits, base.group_size, bias=base.bias is not None,
+                         device="meta", kernel=base.kernel)
+    merged.qweight, merged.scale = base.qweight, base.scale
+    merged.offset = merge_offsets(base.offset, layer.lora_A.weight, layer.lora_B.weight, layer.scaling,
+                                  layer.group_size)
+    if base.bias is not None:
+        merged.bias = base.bias
+    return merged
+
+
+def merge_model_inplace(model: nn.Module) -> list[str]:
+    """Replace every ``QALoRALinear`` of ``model`` by its merged ``QuantLinear``; returns the
+    names replaced (empty for a model with nothing left to merge, so a second call is a no-op).
+    Refuses, before touching anything, a model holding standard LoRA adapters (not exact)."""
+    modules = list(model.named_modules())
+    lora = [n for n, m in modules if isinstance(m, LoRALinear)]
+    if lora:
+        raise QaloraError(f"{lora[0]} holds a standard LoRA adapter; only QA-LoRA adapters merge exactly into "
+                          "INTn weights (lora/qlora need the lossy --requantize rtn|gptq path)")
+    names = [n for n, m in modules if isinstance(m, QALoRALinear)]
+    for name in names:
+        set_submodule(model, name, merge_qalora_layer(model.get_submodule(name)))
+    return names
+
+
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A structural copy of ``model`` whose parameters and buffers are the very same tensors:
+    costs no weight memory; merging the copy replaces modules, never edits a shared tensor."""
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def _prompt_logits(model: nn.Module, tokenizer, prompts) -> torch.Tensor:
+    """``[n_tokens, vocab]`` fp32 logits of every prompt, run one by one without padding."""
+    device = next(model.parameters()).device
+    rows = []
+    for p in prompts:
+        ids = tokenizer(p, return_tensors="pt")["input_ids"].to(device)   # [1, T]
+        if ids.shape[1] == 0:
+            raise QaloraError(f"prompt {p!r} tokenizes to nothing; pass non-empty prompts")
+        rows.append(model(input_ids=ids, use_cache=False).logits[0].float())  # [T, vocab]
+    return torch.cat(rows)
+
+
+def _kernel_supported(model: nn.Module, kernel: str) -> bool:
+    if kernel != "int4":
+        return True
+    device = next(model.parameters()).device
+    return all(int4_supports(m, device) for m in quant_layers(model).values())
+
+
+def compare_logits(unmerged: nn.Module, merged: nn.Module, tokenizer, prompts=DEFAULT_PROMPTS,
+                   kernel: str = "reference") -> dict | None:
+    """Logits of both models with every ``QuantLinear`` on ``kernel``; ``None`` when a layer of
+    either model cannot run it. Kernels and train/eval modes are restored afterwards.
+
+    Returns ``{"max_abs_logit_diff", "mean_abs_logit_diff", "top1_agreement", "n_tokens",
+    "compute_dtype", "kernel"}`` over all prompt positions.
+    """
+    if kernel not in VERIFY_KERNELS:
+        raise QaloraError(f"kernel {kernel!r} cannot verify a merge; use one of {', '.join(VERIFY_KERNELS)}")
+    if not (_kernel_supported(unmerged, kernel) and _kernel_supported(merged, kernel)):
+        return None
+    saved = [(m, m.kernel) for model in (unmerged, merged) for m in quant_layers(model).values()]
+    modes = [(model, model.training) for model in (unmerged, merged)]
+    try:
+        logits = []
+        for model in (unmerged, merged):
+            model.eval()
+            set_kernel(model, kernel)
+            logits.append(_prompt_logits(model, tokenizer, prompts))
+    finally:
+        for m, k in saved:
+            m.kernel = k
+        for model, training in modes:
+            model.train(training)
+    a, b = logits
+    diff = (a - b).abs()
+    return {"max_abs_logit_diff": float(diff.max()), "mean_abs_logit_diff": float(diff.mean()),
+            "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).float().mean()), "n_tokens": int(a.shape[0]),
+            "compute_dtype": VERIFY_KERNELS[kernel], "kernel": kernel}
+
+
+def verify_merge(unmerged: nn.Module, merged: nn.Module, tokenizer, prompts=DEFAULT_PROMPTS,
+                 kernels: tuple[str, ...] = ("reference", "int4")) -> dict:
+    """``{kernel: compare_logits(...) or None}`` for each kernel: ``reference`` (fp32, the exactness
+    check) and ``int4`` (bf16 tinygemm, what runtimes execute; ``None`` where unsupported)."""
+    return {k: compare_logits(unmerged, merged, tokenizer, prompts, k) for k in kernels}
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: qalora merge --model QDIR --adapter ADIR --out MDIR
+# ---------------------------------------------------------------------------------------------
+
+def _read_adapter_config(adir: Path) -> dict:
+    if not adir.is_dir():
+        raise QaloraError(f"adapter {str(adir)!r} is not a folder (expected the --out folder of 'qalora train')")
+    cfg = read_json(adir / ADAPTER_CONFIG, "adapter config")
+    if cfg.get("format") != ADAPTER_FORMAT:
+        raise QaloraError(f"{str(adir / ADAPTER_CONFIG)!r} has format {cfg.get('format')!r}, expected {ADAPTER_FORMAT!r}")
+    missing = [k for k in ("method", "rank", "alpha", "targets", "group_size", "base_sha256") if k not in cfg]
+    if missing:
+        raise QaloraError(f"{str(adir / ADAPTER_CONFIG)!r} is corrupt (lacks {', '.join(missing)})")
+    return cfg
+
+
+def _check_compatible(cfg: dict, meta: dict, adir: Path, model_dir: Path) -> None:
+    """Refuse an adapter that cannot merge exactly into this checkpoint, naming what differs."""
+    if cfg["method"] != "qalora":
+        raise QaloraError(f"adapter {str(adir)!r} was trained with method {cfg['method']!r}; only 'qalora' adapters "
+                          "merge exactly into INTn weights. lora/qlora adapters need the lossy --requantize rtn|gptq "
+                          "path (merge in full precision, then quantize again), which is not exact")
+    kinds = {spec.get("kind", "affine") for spec in meta["layers"].values()}
+    if kinds != {"affine"}:
+        raise QaloraError(f"checkpoint {str(model_dir)!r} holds {', '.join(sorted(kinds))} layers; the exact merge "
+                          "needs group-wise INTn layers with float offsets")
+    if cfg["group_size"] != meta.get("group_size"):
+        raise QaloraError(f"adapter {str(adir)!r} pools groups of {cfg['group_size']} but checkpoint {str(model_dir)!r} "
+                          f"has group_size {meta.get('group_size')}; merge into the checkpoint it was trained on")
+    base_sha = meta.get("sha256", {}).get(WEIGHTS_FILE)
+    if cfg["base_sha256"] != base_sha:
+        raise QaloraError(f"adapter {str(adir)!r} was trained on another base (base_sha256 {str(cfg['base_sha256'])[:12]}… "
+                          f"vs {str(base_sha)[:12]}… of {str(model_dir)!r}); merge into the checkpoint it was trained on")
+
+
+def _read_adapter_tensors(adir: Path) -> dict[str, torch.Tensor]:
+    path = adir / ADAPTER_FILE
+    if not path.is_file():
+        raise QaloraError(f"adapter weights {str(path)!r} are missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise QaloraError(f"adapter weights {str(path)!r} are corrupt ({e})") from None
+
+
+def codes_and_scales_unchanged(merged: nn.Module, names: list[str], weights_file: Path) -> bool:
+    """``torch.equal`` of every merged layer's ``qweight`` and ``scale`` with the base file's."""
+    with safe_open(str(weights_file), framework="pt") as f:
+        for n in names:
+            m = merged.get_submodule(n)
+            if not (torch.equal(f.get_tensor(f"{n}.qweight"), m.qweight.cpu())
+                    and torch.equal(f.get_tensor(f"{n}.scale"), m.scale.cpu())):
+                return False
+    return True
+
+
+def merge(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out: str | os.PathLike, *,
+          tolerance: float = 1e-4, prompts=DEFAULT_PROMPTS, progress: bool = True) -> dict:
+    """Merge the QA-LoRA adapter in ``adapter_dir`` into the qalora checkpoint ``model_dir`` and
+    write the merged checkpoint to the new folder ``out`` (with ``merge_report.json``).
+
+    The merged model is verified against the unmerged one before anything is written: if the
+    fp32 (reference kernel) max |logit difference| exceeds ``tolerance``, nothing is written and
+    a ``QaloraError`` is raised. Returns the merge report.
+    """
+    model_dir, adir = Path(model_dir).expanduser(), Path(adapter_dir).expanduser()
+    check_new_output(out)
+    cfg = _read_adapter_config(adir)
+    meta = read_meta(model_dir)
+    _check_compatible(cfg, meta, adir, model_dir)
+    tensors = _read_adapter_tensors(adir)
+
+    tokenizer = load_tokenizer(model_dir)
+    unmerged = load(model_dir, kernel="auto")
+    lora = LoraConfig(rank=cfg["rank"], alpha=cfg["alpha"], dropout=cfg.get("dropout", 0.0), targets=cfg["targets"])
+    add_adapters(unmerged, "qalora", lora)
+    load_adapter_state(unmerged, tensors)
+    unmerged.eval()
+    merged = shared_copy(unmerged)
+    names = merge_model_inplace(merged)
+
+    verification = verify_merge(unmerged, merged, tokenizer, prompts)
+    worst = verification["reference"]["max_abs_logit_diff"]
+    if not worst <= tolerance:  # also catches nan
+        raise QaloraError(f"merge verification failed: max |logit difference| {worst:.3g} (fp32) exceeds the "
+                          f"tolerance {tolerance:g}; nothing was written to {str(out)!r}")
+    if not codes_and_scales_unchanged(merged, names, model_dir / WEIGHTS_FILE):
+        raise QaloraError("merge changed quantized codes or scales (a bug: only offsets may change); nothing was written")
+    offset_change = max(float((merged.get_submodule(n).offset - unmerged.get_submodule(n).base.offset).abs().max())
+                        for n in names)
+
+    adapter_sha = sha256_file(adir / ADAPTER_FILE)
+    new_meta = {k: v for k, v in meta.items() if k not in ("format", "format_version", "layers", "sha256")}
+    new_meta["merged_adapter"] = {"path": str(adir), "sha256": adapter_sha, "method": cfg["method"],
+                                  "rank": cfg["rank"], "alpha": cfg["alpha"], "targets": list(cfg["targets"]),
+                                  "base_path": str(model_dir), "base_sha256": cfg["base_sha256"]}
+    report = {**verification, "tolerance": tolerance, "layers_merged": len(names), "modules": names,
+              "codes_and_scales_unchanged": True, "max_abs_offset_change": offset_change,
+              "adapter": str(adir), "adapter_sha256": adapter_sha, "base": str(model_dir)}
+    # checkpoint and report land together: one staging folder, renamed to ``out`` or deleted
+    with atomic_dir(out) as tmp:
+        write_checkpoint(merged, tokenizer, tmp, new_meta)
+        write_json(tmp / REPORT_FILE, report)
+    if progress:
+        i4 = verification.get("int4")
+        i4_txt = f", int4 bf16 {i4['max_abs_logit_diff']:.2e}" if i4 else ""
+        print(f"qalora merge: {len(names)} adapters merged into {str(out)!r}; max |logit diff| fp32 {worst:.2e}"
+              f"{i4_txt} (tolerance {tolerance:g}), top-1 agreement {verification['reference']['top1_agreement']:.1%}",
+              flush=True)
+    return report

@@ -1,0 +1,254 @@
+"""The exact merge: offsets absorb the adapter, codes and scales stay, logits agree; the file
+API writes a loadable checkpoint with its report, or refuses and writes nothing."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_llama, tiny_tokenizer
+from qalora.adapters import adapter_layers, add_adapters, load_adapter_state
+from qalora.checkpoint import load, save_checkpoint
+from qalora.config import LoraConfig, QuantConfig, TrainConfig
+from qalora.errors import QaloraError
+from qalora.merge import (compare_logits, merge, merge_model_inplace, merge_offsets, merge_qalora_layer,
+                          shared_copy, verify_merge)
+from qalora.nn.lora import QALoRALinear
+from qalora.nn.quant_linear import QuantLinear
+from qalora.patch import set_kernel
+from qalora.quant.rtn import rtn_quantize
+from qalora.quant.weight import QuantizedWeight
+from qalora.quantize import quantize_model
+from qalora.train.loop import train
+
+LORA = LoraConfig(rank=4, alpha=8)
+QA = [("What is two plus two?", "Four."), ("Name a colour.", "Blue."), ("Say hello.", "Hello there!"),
+      ("What do bees make?", "Honey."), ("Capital of France?", "Paris."), ("Count to three.", "One, two, three.")]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's GEMMs are microseconds; on a loaded machine a second OpenMP thread only
+    spins (100x slower). One thread also makes the runs deterministic."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Checkpoints (4-bit g32 seed 0; seed 1; g64), an fp folder, a QA-LoRA adapter trained 3
+    steps at lr 1e-2 (so B is non-zero) and a LoRA adapter trained 1 step."""
+    root = tmp_path_factory.mktemp("merge")
+    tok = tiny_tokenizer()
+    for name, seed, group in (("q4", 0, 32), ("other", 1, 32), ("g64", 0, 64)):
+        m = tiny_llama(seed)
+        quantize_model(m, QuantConfig(bits=4, group_size=group, method="rtn"), progress=False)
+        save_checkpoint(m, tok, root / name, {"bits": 4, "group_size": group, "method": "rtn", "source_model": "tiny"})
+    tiny_llama(0).save_pretrained(root / "fp")
+    tok.save_pretrained(root / "fp")
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"{q} (#{i})", "input": "", "output": a}) + "\n"
+                            for i, (q, a) in enumerate(QA * 4)))
+    run = dict(data=str(data), batch_size=4, lr=1e-2, max_seq_len=64, eval_every=3, save_every=3, eval_batches=1)
+    train(root / "q4", root / "adapter", TrainConfig(steps=3, **run), LORA, progress=False)
+    train(root / "fp", root / "lora", TrainConfig(method="lora", steps=1, **run), LORA, progress=False)
+    return root
+
+
+def quant_layer(out=32, inp=128, bits=3, L=32, seed=0):
+    w = torch.randn(out, inp, generator=torch.Generator().manual_seed(seed)) * 0.1
+    codes, s, o = rtn_quantize(w, bits, L)
+    return QuantLinear.from_quantized(QuantizedWeight.from_codes(codes, s, o, bits, L), kernel="reference")
+
+
+def adapted_tiny(bits: int, seed: int = 1):
+    """A quantized tiny Llama with QA-LoRA on every projection and random (non-zero) B."""
+    model = tiny_llama()
+    quantize_model(model, QuantConfig(bits=bits, group_size=32, method="rtn"), progress=False)
+    base = shared_copy(model)
+    torch.manual_seed(seed)
+    add_adapters(model, "qalora", LORA)
+    for layer in adapter_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.05)
+    return base, model.eval()
+
+
+def test_merge_offsets_equals_naive_loop():
+    g = torch.Generator().manual_seed(0)
+    out_f, groups, r, L, s = 6, 3, 4, 32, 16 / 4
+    offset, A, B = torch.randn(out_f, groups, generator=g), torch.randn(r, groups, generator=g), torch.randn(out_f, r, generator=g)
+    naive = torch.empty_like(offset)
+    for o in range(out_f):
+        for j in range(groups):
+            acc = sum(float(B[o, k]) * float(A[k, j]) for k in range(r))  # Python floats: float64
+            naive[o, j] = float(offset[o, j]) + acc * s / L
+    got = merge_offsets(offset, A, B, s, L)
+    # equal: both sum in float64 and round to fp32 once (a differing last float64 bit would
+    # change the fp32 result only at a rounding tie, ~2^-29 per element)
+    assert torch.equal(got, naive) and got.dtype == torch.float32
+    with pytest.raises(ValueError, match="do not chain"):
+        merge_offsets(offset, A.t(), B, s, L)
+
+
+def test_layer_merge_changes_only_offsets(files):
+    model = load(files / "q4", kernel="reference")  # "auto" would pick bf16 int4 for 3 rows
+    add_adapters(model, "qalora", LORA)
+    load_adapter_state(model, load_file(str(files / "adapter" / "adapter.safetensors")))
+    changed = 0
+    for name, layer in adapter_layers(model).items():
+        assert layer.lora_B.weight.abs().sum() > 0, name  # trained: B moved off zero
+        before = layer.base.offset.clone()
+        merged = merge_qalora_layer(layer)
+        assert merged.qweight is layer.base.qweight and merged.scale is layer.base.scale  # the same tensors
+        assert torch.equal(merged.qweight, layer.base.qweight) and torch.equal(merged.scale, layer.base.scale)
+        assert torch.equal(layer.base.offset, before)  # the unmerged layer is untouched
+        changed += not torch.equal(merged.offset, before)
+        x = torch.randn(3, layer.in_features)
+        torch.testing.assert_close(merged(x), layer(x), rtol=0, atol=1e-5)  # fp32 reassociation only
+    assert changed == len(adapter_layers(model))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_merged_logits_match_unmerged(bits):
+    base, model = adapted_tiny(bits)
+    merged = shared_copy(model)
+    names = merge_model_inplace(merged)
+    assert len(names) == 14 and not any(isinstance(m, QALoRALinear) for m in merged.modules())
+    tok = tiny_tokenizer()
+    set_kernel(merged, "auto")
+    report = verify_merge(model, merged, tok)
+    ref, i4 = report["reference"], report["int4"]
+    # observed fp32 max |diff| 2.4e-6 / 2.2e-6 / 2.1e-6 at 2 / 3 / 4 bits (logits are O(1))
+    assert ref["max_abs_logit_diff"] <= 1e-4 and ref["top1_agreement"] == 1.0 and ref["compute_dtype"] == "fp32"
+    assert ref["n_tokens"] > 50
+    # the adapter itself moves logits far more than the merge does (observed ~0.3-0.5)
+    assert compare_logits(base, model, tok)["max_abs_logit_diff"] > 1e3 * ref["max_abs_logit_diff"]
+    # bf16 int4 kernel: the merged offsets' bf16 zero points round differently from the
+    # unmerged ones; observed max 0.031 / 0.027 / 0.040, mean ~0.004
+    assert i4 is not None and i4["compute_dtype"] == "bf16" and i4["kernel"] == "int4"
+    assert i4["max_abs_logit_diff"] < 0.15 and i4["mean_abs_logit_diff"] < 0.02 and i4["top1_agreement"] >= 0.95
+    assert all(m.kernel == "auto" for m in merged.modules() if isinstance(m, QuantLinear))  # kernels restored
+
+
+def test_zero_adapter_merge_is_bit_identical_and_idempotent():
+    base = quant_layer()
+    offset = base.offset.clone()
+    once = merge_qalora_layer(QALoRALinear(base, rank=4))           # B starts at zero
+    twice = merge_qalora_layer(QALoRALinear(once, rank=4))
+    assert torch.equal(once.offset, offset) and torch.equal(twice.offset, offset)
+    # model level: a merged model has nothing left to merge
+    _, model = adapted_tiny(4)
+    assert merge_model_inplace(model) and merge_model_inplace(model) == []
+
+
+def test_merge_order_does_not_matter_beyond_rounding():
+    g = torch.Generator().manual_seed(1)
+    offset = torch.randn(8, 4, generator=g)
+    a1, b1, a2, b2 = (torch.randn(*s, generator=g) for s in ((2, 4), (8, 2), (3, 4), (8, 3)))
+    ab = merge_offsets(merge_offsets(offset, a1, b1, 2.0, 32), a2, b2, 2.0, 32)
+    ba = merge_offsets(merge_offsets(offset, a2, b2, 2.0, 32), a1, b1, 2.0, 32)
+    both = merge_offsets(offset, torch.cat([a1, a2]), torch.cat([b1, b2], 1), 2.0, 32)
+    torch.testing.assert_close(ab, ba, rtol=0, atol=1e-6)  # two fp32 roundings vs one: a few ulp
+    torch.testing.assert_close(ab, both, rtol=0, atol=1e-6)
+
+
+def test_merge_files_end_to_end(files, capsys):
+    out = files / "merged"
+    report = merge(files / "q4", files / "adapter", out)
+    assert "qalora merge: 14 adapters merged" in capsys.readouterr().out
+    saved = json.loads((out / "merge_report.json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    for key in ("reference", "int4", "tolerance", "layers_merged", "codes_and_scales_unchanged"):
+        assert key in saved
+    assert saved["layers_merged"] == 14 and saved["codes_and_scales_unchanged"] is True
+    assert saved["reference"]["max_abs_logit_diff"] <= 1e-4 and saved["int4"]["compute_dtype"] == "bf16"
+    assert saved["max_abs_offset_change"] > 0
+    meta = json.loads((out / "qalora.json").read_text())
+    assert meta["bits"] == 4 and meta["group_size"] == 32 and meta["method"] == "rtn"
+    assert meta["merged_adapter"]["method"] == "qalora" and meta["merged_adapter"]["rank"] == 4
+    assert len(meta["merged_adapter"]["sha256"]) == 64
+    base_w, merged_w = load_file(str(files / "q4" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert base_w.keys() == merged_w.keys()
+    for k in base_w:
+        same = torch.equal(base_w[k], merged_w[k])
+        assert same != k.endswith(".offset"), k  # only offsets differ, every one of them
+    # the loaded merged checkpoint computes what the unmerged base + adapter computes
+    merged = load(out, kernel="reference")
+    unmerged = load(files / "q4", kernel="reference")
+    add_adapters(unmerged, "qalora", LORA)
+    load_adapter_state(unmerged, load_file(str(files / "adapter" / "adapter.safetensors")))
+    again = compare_logits(unmerged.eval(), merged, tiny_tokenizer())
+    assert again["max_abs_logit_diff"] <= 1e-4
+
+
+def _no_output(path):
+    assert not path.exists()
+    assert not list(path.parent.glob(f"*{path.name}.tmp-*"))  # no staging folder (ours or save_checkpoint's)
+
+
+def test_refusals_write_nothing(files):
+    out = files / "refused"
+    cases = [
+        ("other", "adapter", "trained on another base"),
+        ("g64", "adapter", "pools groups of 32 .* group_size 64"),
+        ("q4", "lora", "method 'lora'.*--requantize rtn\\|gptq.*not exact"),
+        ("q4", "nowhere", "is not a folder"),
+    ]
+    for base, adapter, msg in cases:
+        with pytest.raises(QaloraError, match=msg):
+            merge(files / base, files / adapter, out, progress=False)
+        _no_output(out)
+    broken = files / "broken"
+    broken.mkdir()
+    with pytest.raises(QaloraError, match="adapter config .* is missing"):
+        merge(files / "q4", broken, out, progress=False)
+    (broken / "adapter_config.json").write_text("{not json")
+    with pytest.raises(QaloraError, match="adapter config .* is corrupt"):
+        merge(files / "q4", broken, out, progress=False)
+    cfg = json.loads((files / "adapter" / "adapter_config.json").read_text())
+    (broken / "adapter_config.json").write_text(json.dumps({**cfg, "format": "peft"}))
+    with pytest.raises(QaloraError, match="format 'peft'"):
+        merge(files / "q4", broken, out, progress=False)
+    (broken / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(QaloraError, match="adapter weights .* are missing"):
+        merge(files / "q4", broken, out, progress=False)
+    _no_output(out)
+    exists = files / "exists"
+    exists.mkdir()
+    with pytest.raises(QaloraError, match="already exists"):
+        merge(files / "q4", files / "adapter", exists, progress=False)
+    assert not any(exists.iterdir())
+
+
+def test_merge_beyond_tolerance_writes_nothing(files, monkeypatch):
+    import qalora.merge as merge_mod
+
+    real = merge_mod.verify_merge
+
+    def drifted(*args, **kwargs):
+        report = real(*args, **kwargs)
+        report["reference"]["max_abs_logit_diff"] = 3e-3
+        return report
+
+    monkeypatch.setattr(merge_mod, "verify_merge", drifted)
+    out = files / "drifted"
+    with pytest.raises(QaloraError, match="exceeds the tolerance 0.0001"):
+        merge(files / "q4", files / "adapter", out, progress=False)
+    _no_output(out)
+
+
+def test_failure_while_writing_leaves_nothing(files, monkeypatch):
+    """The report is written after the checkpoint files, inside the same staging folder."""
+    import qalora.merge as merge_mod
+
+    def full_disk(path, obj):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(merge_mod, "write_json", full_disk)
+    out = files / "half"
+    with pytest.raises(OSError, match="No space"):
+        merge(files / "q4", files / "adapter", out, progress=False)
+    _no_output(out)
