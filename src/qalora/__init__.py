@@ -8,8 +8,9 @@ from qalora.errors import QaloraError
 from qalora.nn.quant_linear import QuantLinear
 from qalora.quant.weight import QuantizedWeight
 from qalora.quantize import quantize_model
-from qalora.train.loop import train
+from qalora.training.loop import train
+from qalora.merging import merge
 
 __version__ = "0.1.0"
 __all__ = ["LoraConfig", "QaloraError", "QuantConfig", "TrainConfig", "train", "QuantLinear", "QuantizedWeight", "generate", "load",
-           "load_model_and_tokenizer", "quantize", "quantize_model", "save_checkpoint"]
+           "load_model_and_tokenizer", "merge", "quantize", "quantize_model", "save_checkpoint"]

@@ -59,7 +59,7 @@ def cmd_quantize(args) -> int:
 
 def cmd_train(args) -> int:
     from qalora.config import LoraConfig, TrainConfig
-    from qalora.train.loop import train
+    from qalora.training.loop import train
 
     cfg = dataclass_from_args(TrainConfig, args)
     lora = dataclass_from_args(LoraConfig, args)
@@ -68,6 +68,22 @@ def cmd_train(args) -> int:
     print(f"wrote {args.out}: {out['method']} adapter, {out['trainable_parameters']:,} trainable parameters; "
           f"validation loss {start:.4f} -> {out['val_loss_end']:.4f}; {out['seconds_per_step']:.2f} s/step; "
           f"peak RSS {out['peak_rss_mb'] / 1024:.2f} GB")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from qalora.merging import merge
+
+    merge(args.model, args.adapter, args.out, tolerance=args.tolerance, progress=not args.quiet)
+    return 0
+
+
+def cmd_export(args) -> int:
+    if args.format != "gguf":
+        raise QaloraError(f"export format {args.format!r} is unknown; use one of: gguf")
+    from qalora.export.gguf import export_gguf
+
+    export_gguf(args.model, args.out, fallback=args.fallback, progress=not args.quiet)
     return 0
 
 
@@ -126,6 +142,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(t, TrainConfig)
     add_dataclass_args(t, LoraConfig)
     t.set_defaults(func=cmd_train)
+
+    m = sub.add_parser("merge", help="fold a QA-LoRA adapter into the quantized offsets exactly, and verify")
+    m.add_argument("--model", required=True, help="the qalora checkpoint the adapter was trained on")
+    m.add_argument("--adapter", required=True, help="adapter folder written by qalora train --method qalora")
+    m.add_argument("--out", required=True, help="new folder for the merged checkpoint (+ merge_report.json)")
+    m.add_argument("--tolerance", type=float, default=1e-4, help="max |logit diff| allowed on the fp32 path")
+    m.add_argument("--quiet", action="store_true")
+    m.set_defaults(func=cmd_merge)
+
+    x = sub.add_parser("export", help="write a qalora checkpoint in a runtime's format (gguf for llama.cpp)")
+    x.add_argument("--model", required=True, help="qalora checkpoint (quantized or merged)")
+    x.add_argument("--format", default="gguf", help="gguf")
+    x.add_argument("--out", required=True, help="new output file")
+    x.add_argument("--fallback", choices=["f16"], default=None,
+                   help="write layers Q4_1 cannot hold exactly (8-bit, groups not a multiple of 32) as F16, "
+                        "reporting their error; default: refuse")
+    x.add_argument("--quiet", action="store_true")
+    x.set_defaults(func=cmd_export)
 
     e = sub.add_parser("eval", help="evaluate a model (perplexity on held-out LAMBADA passages)")
     e.add_argument("--model", default="default", help="qalora checkpoint, HF folder or 'default'")

@@ -16,7 +16,7 @@ from qalora.checkpoint import load, save_checkpoint
 from qalora.config import LoraConfig, QuantConfig, TrainConfig
 from qalora.errors import QaloraError
 from qalora.quantize import quantize_model
-from qalora.train.loop import train
+from qalora.training.loop import train
 
 QA = [("What is two plus two?", "Four."), ("Name a colour.", "Blue."), ("Say hello.", "Hello there!"),
       ("What do bees make?", "Honey."), ("Opposite of hot?", "Cold."), ("A fruit?", "An apple."),
@@ -72,7 +72,7 @@ def test_qalora_trains_and_records_its_base(tmp_path, q_dir, data_file):
 
 def test_packed_base_is_untouched_by_training(tmp_path, q_dir, data_file):
     """Only A and B move: the quantized buffers after training equal the checkpoint's."""
-    import qalora.train.loop as loop
+    import qalora.training.loop as loop
 
     captured = {}
     orig = loop.add_adapters
@@ -180,7 +180,7 @@ def test_resume_from_another_run_is_refused(tmp_path, q_dir, fp_dir, data_file):
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, q_dir, data_file, monkeypatch):
-    import qalora.train.loop as loop
+    import qalora.training.loop as loop
 
     calls = {"n": 0}
     real = loop._token_loss_sum

@@ -26,9 +26,9 @@ from qalora.adapters import adapter_state, add_adapters, load_adapter_state, tra
 from qalora.config import LoraConfig, TrainConfig
 from qalora.errors import QaloraError
 from qalora.io import read_json, write_json
-from qalora.train.base import load_base
-from qalora.train.data import TrainData, load_train_data
-from qalora.train.state import latest_checkpoint, load_train_state, save_train_state
+from qalora.training.base import load_base
+from qalora.training.data import TrainData, load_train_data
+from qalora.training.state import latest_checkpoint, load_train_state, save_train_state
 
 ADAPTER_FILE = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"

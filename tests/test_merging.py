@@ -12,7 +12,7 @@ from qalora.adapters import adapter_layers, add_adapters, load_adapter_state
 from qalora.checkpoint import load, save_checkpoint
 from qalora.config import LoraConfig, QuantConfig, TrainConfig
 from qalora.errors import QaloraError
-from qalora.merge import (compare_logits, merge, merge_model_inplace, merge_offsets, merge_qalora_layer,
+from qalora.merging import (compare_logits, merge, merge_model_inplace, merge_offsets, merge_qalora_layer,
                           shared_copy, verify_merge)
 from qalora.nn.lora import QALoRALinear
 from qalora.nn.quant_linear import QuantLinear
@@ -20,7 +20,7 @@ from qalora.patch import set_kernel
 from qalora.quant.rtn import rtn_quantize
 from qalora.quant.weight import QuantizedWeight
 from qalora.quantize import quantize_model
-from qalora.train.loop import train
+from qalora.training.loop import train
 
 LORA = LoraConfig(rank=4, alpha=8)
 QA = [("What is two plus two?", "Four."), ("Name a colour.", "Blue."), ("Say hello.", "Hello there!"),
@@ -224,7 +224,7 @@ def test_refusals_write_nothing(files):
 
 
 def test_merge_beyond_tolerance_writes_nothing(files, monkeypatch):
-    import qalora.merge as merge_mod
+    import qalora.merging as merge_mod
 
     real = merge_mod.verify_merge
 
@@ -242,7 +242,7 @@ def test_merge_beyond_tolerance_writes_nothing(files, monkeypatch):
 
 def test_failure_while_writing_leaves_nothing(files, monkeypatch):
     """The report is written after the checkpoint files, inside the same staging folder."""
-    import qalora.merge as merge_mod
+    import qalora.merging as merge_mod
 
     def full_disk(path, obj):
         raise OSError(28, "No space left on device")

@@ -33,7 +33,7 @@ from qalora.models import load_tokenizer
 from qalora.nn.lora import LoRALinear, QALoRALinear
 from qalora.nn.quant_linear import QuantLinear
 from qalora.patch import quant_layers, set_kernel, set_submodule
-from qalora.train.loop import ADAPTER_CONFIG, ADAPTER_FILE, ADAPTER_FORMAT  # the folder 'qalora train' writes
+from qalora.training.loop import ADAPTER_CONFIG, ADAPTER_FILE, ADAPTER_FORMAT  # the folder 'qalora train' writes
 
 REPORT_FILE = "merge_report.json"
 
