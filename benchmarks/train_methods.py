@@ -26,6 +26,8 @@ def summarize(adir: Path) -> dict:
     vals = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
     return {"method": cfg["method"], "trainable_parameters": cfg["trainable_parameters"],
             "median_s_per_step": statistics.median(steps), "tokens_per_step": statistics.mean(r["tokens"] for r in recs if "tokens" in r),
+            "input_tokens_per_s": (statistics.mean(r["input_tokens"] for r in recs if "input_tokens" in r)
+                                   / statistics.median(steps)) if any("input_tokens" in r for r in recs) else None,
             "peak_rss_gb": cfg["peak_rss_mb"] / 1024, "val_loss_start": vals[0][1], "val_loss_end": vals[-1][1],
             "val_curve": vals, "steps": cfg["steps"], "base": cfg["base_path"], "base_bits": cfg["base_bits"]}
 

@@ -42,7 +42,8 @@ RESUME_KEYS = ("method", "base_sha256", "data", "batch_size", "grad_accum", "lr"
 @dataclass
 class StepBatch:
     micro: list[dict]
-    tokens: int
+    tokens: int        # response tokens (the loss is averaged over these)
+    input_tokens: int  # all non-padding tokens the model processes
 
 
 def _step_batches(data: TrainData, step: int, cfg: TrainConfig) -> StepBatch:
@@ -50,7 +51,8 @@ def _step_batches(data: TrainData, step: int, cfg: TrainConfig) -> StepBatch:
     micro = []
     for k in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum):
         micro.append(data.train_batch(k))
-    return StepBatch(micro, sum(int((b["labels"] != -100).sum()) for b in micro))
+    return StepBatch(micro, sum(int((b["labels"] != -100).sum()) for b in micro),
+                     sum(int(b["attention_mask"].sum()) for b in micro))
 
 
 def _token_loss_sum(model, batch: dict, dtype_ctx) -> torch.Tensor:
@@ -198,9 +200,9 @@ def train(model: str | os.PathLike | None, out: str | os.PathLike, cfg: TrainCon
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         dt = time.time() - t0
-        tokens_seen += sb.tokens
+        tokens_seen += sb.input_tokens
         rec = {"step": step + 1, "loss": loss_sum, "lr": scheduler.get_last_lr()[0], "grad_norm": gnorm,
-               "tokens": sb.tokens, "seconds": round(dt, 4)}
+               "tokens": sb.tokens, "input_tokens": sb.input_tokens, "seconds": round(dt, 4)}
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             val = rec["val_loss"] = validation_loss(net, data, dtype_ctx)
         _log(metrics, rec)
