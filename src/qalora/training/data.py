@@ -8,7 +8,6 @@ is what makes resuming exact. Validation is a fixed list of batches.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 import torch
 
@@ -48,6 +47,7 @@ class TrainData:
     seed: int
     pad_id: int
     _plans: dict = field(default_factory=dict)
+    _val: list | None = None
 
     @property
     def n_train(self) -> int:
@@ -67,13 +67,12 @@ class TrainData:
         n = len(self._plan(0))
         return collate(self.train, self._plan(k // n)[k % n], self.pad_id)
 
-    @lru_cache(maxsize=1)
     def val_batches(self) -> list[dict[str, torch.Tensor]]:
-        plan = batch_plan(self.val.lengths, self.batch_size, VAL_SEED, 0)[: self.eval_batches]
-        return [collate(self.val, idx, self.pad_id) for idx in plan]
-
-    def __hash__(self) -> int:  # lru_cache on a method needs a hashable self
-        return id(self)
+        """The fixed validation batches (built once)."""
+        if self._val is None:
+            plan = batch_plan(self.val.lengths, self.batch_size, VAL_SEED, 0)[: self.eval_batches]
+            self._val = [collate(self.val, idx, self.pad_id) for idx in plan]
+        return self._val
 
 
 def load_train_data(spec: str, tokenizer, cfg: TrainConfig) -> TrainData:
