@@ -9,6 +9,7 @@ import torch
 
 from qalora.checkpoint import load, save_checkpoint
 from qalora.config import QuantConfig
+from qalora.errors import QaloraError
 from qalora.io import check_new_output
 from qalora.models import load_fp_model, load_tokenizer
 from qalora.patch import quantized_nbytes
@@ -44,8 +45,18 @@ def quantize(model: str | os.PathLike | None = "default", out: str | os.PathLike
     return meta
 
 
-def load_model_and_tokenizer(path: str | os.PathLike, kernel: str = "auto", device: str = "cpu"):
-    """A qalora checkpoint, or a full-precision HF folder / ``"default"``, plus its tokenizer."""
+def load_model_and_tokenizer(path: str | os.PathLike, kernel: str = "auto", device: str = "cpu",
+                             adapter: str | os.PathLike | None = None):
+    """A qalora checkpoint, or a full-precision HF folder / ``"default"``, plus its tokenizer;
+    with ``adapter``, the adapter folder of ``qalora train`` attached (unmerged) to that base."""
+    from qalora.patch import set_kernel
+
+    if adapter is not None:
+        from qalora.adapter_files import load_adapted
+
+        model, tok, _ = load_adapted(path, adapter)
+        set_kernel(model, kernel)
+        return model.to(device), tok
     p = Path(str(path)).expanduser()
     if (p / "qalora.json").is_file():
         return load(p, kernel=kernel, device=device), load_tokenizer(p)
@@ -53,15 +64,25 @@ def load_model_and_tokenizer(path: str | os.PathLike, kernel: str = "auto", devi
     return model.to(device), tok
 
 
-def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat: bool = False, streamer=None) -> str:
-    """Greedy continuation of ``prompt`` (rendered with the chat template when ``chat``)."""
+def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat: bool = False, streamer=None, *,
+             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> str:
+    """Continuation of ``prompt`` (rendered with the chat template when ``chat``): greedy when
+    ``temperature`` is 0, else sampled with temperature / top-p / top-k (seeded if ``seed``)."""
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise QaloraError(f"sampling needs temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
     if chat and getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                             return_tensors="pt", return_dict=True)["input_ids"]
     else:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     ids = ids.to(next(model.parameters()).device)
+    sample = temperature > 0
+    options = {"do_sample": sample}
+    if sample:
+        options.update(temperature=temperature, top_p=top_p, top_k=top_k)
+        if seed is not None:
+            torch.manual_seed(seed)
     with torch.inference_mode():
-        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
-                             pad_token_id=tokenizer.eos_token_id)
+        out = model.generate(ids, max_new_tokens=max_new_tokens, streamer=streamer,
+                             pad_token_id=tokenizer.eos_token_id, **options)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import typing
 
@@ -113,9 +112,10 @@ def cmd_generate(args) -> int:
 
     from qalora.api import generate, load_model_and_tokenizer
 
-    model, tok = load_model_and_tokenizer(args.model, kernel=args.kernel)
+    model, tok = load_model_and_tokenizer(args.model, kernel=args.kernel, adapter=args.adapter)
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-    generate(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, chat=args.chat, streamer=streamer)
+    generate(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, chat=args.chat, streamer=streamer,
+             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     return 0
 
 
@@ -172,11 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
 
-    g = sub.add_parser("generate", help="greedy generation, streamed")
+    g = sub.add_parser("generate", help="generate text, streamed (greedy by default)")
     g.add_argument("--model", default="default", help="qalora checkpoint, HF folder or 'default'")
     g.add_argument("--prompt", required=True)
     g.add_argument("--chat", action="store_true", help="render the prompt with the chat template")
+    g.add_argument("--adapter", help="adapter folder from qalora train, applied unmerged on --model")
     g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    g.add_argument("--seed", type=int, help="sampling seed")
     g.add_argument("--kernel", default="auto", choices=KERNEL_CHOICES)
     g.set_defaults(func=cmd_generate)
     return p

@@ -19,21 +19,20 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
+from safetensors import safe_open
 from torch import nn
 
 from qalora.adapters import add_adapters, load_adapter_state
 from qalora.checkpoint import WEIGHTS_FILE, load, read_meta, write_checkpoint
 from qalora.config import LoraConfig
 from qalora.errors import QaloraError
-from qalora.io import atomic_dir, check_new_output, read_json, sha256_file, write_json
+from qalora.io import atomic_dir, check_new_output, sha256_file, write_json
 from qalora.kernels.int4 import int4_supports
 from qalora.models import load_tokenizer
 from qalora.nn.lora import LoRALinear, QALoRALinear
 from qalora.nn.quant_linear import QuantLinear
 from qalora.patch import quant_layers, set_kernel, set_submodule
-from qalora.training.loop import ADAPTER_CONFIG, ADAPTER_FILE, ADAPTER_FORMAT  # the folder 'qalora train' writes
+from qalora.adapter_files import ADAPTER_FILE, read_adapter_config, read_adapter_tensors
 
 REPORT_FILE = "merge_report.json"
 
@@ -196,18 +195,6 @@ def verify_merge(unmerged: nn.Module, merged: nn.Module, tokenizer, prompts=DEFA
 # Files: qalora merge --model QDIR --adapter ADIR --out MDIR
 # ---------------------------------------------------------------------------------------------
 
-def _read_adapter_config(adir: Path) -> dict:
-    if not adir.is_dir():
-        raise QaloraError(f"adapter {str(adir)!r} is not a folder (expected the --out folder of 'qalora train')")
-    cfg = read_json(adir / ADAPTER_CONFIG, "adapter config")
-    if cfg.get("format") != ADAPTER_FORMAT:
-        raise QaloraError(f"{str(adir / ADAPTER_CONFIG)!r} has format {cfg.get('format')!r}, expected {ADAPTER_FORMAT!r}")
-    missing = [k for k in ("method", "rank", "alpha", "targets", "group_size", "base_sha256") if k not in cfg]
-    if missing:
-        raise QaloraError(f"{str(adir / ADAPTER_CONFIG)!r} is corrupt (lacks {', '.join(missing)})")
-    return cfg
-
-
 def _check_compatible(cfg: dict, meta: dict, adir: Path, model_dir: Path) -> None:
     """Refuse an adapter that cannot merge exactly into this checkpoint, naming what differs."""
     if cfg["method"] != "qalora":
@@ -225,16 +212,6 @@ def _check_compatible(cfg: dict, meta: dict, adir: Path, model_dir: Path) -> Non
     if cfg["base_sha256"] != base_sha:
         raise QaloraError(f"adapter {str(adir)!r} was trained on another base (base_sha256 {str(cfg['base_sha256'])[:12]}… "
                           f"vs {str(base_sha)[:12]}… of {str(model_dir)!r}); merge into the checkpoint it was trained on")
-
-
-def _read_adapter_tensors(adir: Path) -> dict[str, torch.Tensor]:
-    path = adir / ADAPTER_FILE
-    if not path.is_file():
-        raise QaloraError(f"adapter weights {str(path)!r} are missing")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise QaloraError(f"adapter weights {str(path)!r} are corrupt ({e})") from None
 
 
 def codes_and_scales_unchanged(merged: nn.Module, names: list[str], weights_file: Path) -> bool:
@@ -259,10 +236,10 @@ def merge(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out: str
     """
     model_dir, adir = Path(model_dir).expanduser(), Path(adapter_dir).expanduser()
     check_new_output(out)
-    cfg = _read_adapter_config(adir)
+    cfg = read_adapter_config(adir)
     meta = read_meta(model_dir)
     _check_compatible(cfg, meta, adir, model_dir)
-    tensors = _read_adapter_tensors(adir)
+    tensors = read_adapter_tensors(adir)
 
     tokenizer = load_tokenizer(model_dir)
     unmerged = load(model_dir, kernel="auto")

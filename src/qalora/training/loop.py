@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from qalora.adapter_files import ADAPTER_CONFIG, ADAPTER_FILE, ADAPTER_FORMAT
 from qalora.adapters import adapter_state, add_adapters, load_adapter_state, trainable_parameters
 from qalora.config import LoraConfig, TrainConfig
 from qalora.errors import QaloraError
@@ -30,9 +31,6 @@ from qalora.training.base import load_base
 from qalora.training.data import TrainData, load_train_data
 from qalora.training.state import latest_checkpoint, load_train_state, save_train_state
 
-ADAPTER_FILE = "adapter.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_FORMAT = "qalora-adapter"
 RUN_FILE = "run.json"
 # what must match for --resume to continue a run exactly
 RESUME_KEYS = ("method", "base_sha256", "data", "batch_size", "grad_accum", "lr", "warmup_steps", "weight_decay",
