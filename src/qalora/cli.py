@@ -71,6 +71,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_merge(args) -> int:
+    if args.requantize:
+        from qalora.config import QuantConfig
+        from qalora.requantize import requantize
+
+        config = QuantConfig(bits=args.bits, group_size=args.group_size, method=args.requantize)
+        requantize(args.model, args.adapter, args.out, config, progress=not args.quiet)
+        return 0
     from qalora.merging import merge
 
     merge(args.model, args.adapter, args.out, tolerance=args.tolerance, progress=not args.quiet)
@@ -148,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--adapter", required=True, help="adapter folder written by qalora train --method qalora")
     m.add_argument("--out", required=True, help="new folder for the merged checkpoint (+ merge_report.json)")
     m.add_argument("--tolerance", type=float, default=1e-4, help="max |logit diff| allowed on the fp32 path")
+    m.add_argument("--requantize", choices=["rtn", "gptq"],
+                   help="LOSSY baseline path for lora/qlora adapters: merge in fp32, then quantize again")
+    m.add_argument("--bits", type=int, default=QuantConfig.bits, help="with --requantize: bits of the new codes")
+    m.add_argument("--group-size", type=int, default=QuantConfig.group_size, help="with --requantize: group size")
     m.add_argument("--quiet", action="store_true")
     m.set_defaults(func=cmd_merge)
 
