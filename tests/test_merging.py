@@ -12,8 +12,8 @@ from qalora.adapters import adapter_layers, add_adapters, load_adapter_state
 from qalora.checkpoint import load, save_checkpoint
 from qalora.config import LoraConfig, QuantConfig, TrainConfig
 from qalora.errors import QaloraError
-from qalora.merging import (compare_logits, merge, merge_model_inplace, merge_offsets, merge_qalora_layer,
-                          shared_copy, verify_merge)
+from qalora.merge_verify import compare_logits, verify_merge
+from qalora.merging import REPORT_FILE, merge, merge_model_inplace, merge_offsets, merge_qalora_layer, shared_copy
 from qalora.nn.lora import QALoRALinear
 from qalora.nn.quant_linear import QuantLinear
 from qalora.patch import set_kernel
@@ -250,5 +250,76 @@ def test_failure_while_writing_leaves_nothing(files, monkeypatch):
     monkeypatch.setattr(merge_mod, "write_json", full_disk)
     out = files / "half"
     with pytest.raises(OSError, match="No space"):
+        merge(files / "q4", files / "adapter", out, progress=False)
+    _no_output(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# fp64 checks: per-layer exactness in ulps, the fp32 noise floor, the auto tolerance
+# ---------------------------------------------------------------------------------------------
+
+def test_weight_error_is_half_an_ulp_and_catches_a_wrong_merge():
+    from qalora.merge_verify import MAX_WEIGHT_ULPS, layer_weight_error, weight_errors
+
+    model = adapted_tiny(3)[1]
+    merged = shared_copy(model)
+    names = merge_model_inplace(merged)
+    report = weight_errors(model, merged, names)
+    assert 0 < report["max_weight_err_ulps"] <= MAX_WEIGHT_ULPS
+    layer = model.get_submodule(names[0])
+    wrong = merge_qalora_layer(layer)
+    wrong.offset = wrong.offset + 1e-6 * wrong.offset.abs().max()   # a few ulps off
+    assert layer_weight_error(layer, wrong)[1] > 1.0
+
+
+def test_float64_block_restores_every_tensor_bit_for_bit():
+    from qalora.merge_verify import float64
+
+    model = adapted_tiny(3)[1]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with float64(model):
+        assert all(t.dtype == torch.float64 for t in model.parameters())
+    after = model.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_noise_floor_and_fp64_diff_are_small_but_measured():
+    from qalora.merge_verify import auto_tolerance, fp64_checks
+
+    model = adapted_tiny(3)[1]
+    merged = shared_copy(model)
+    merge_model_inplace(merged)
+    out = fp64_checks(model, merged, tiny_tokenizer())
+    assert 0 < out["fp32_noise_floor"] < 1e-4           # fp32 vs fp64 of one tiny model
+    assert 0 <= out["fp64_max_abs_logit_diff"] < 1e-5   # only the fp32 storage of offset'
+    assert auto_tolerance(None) == 1e-4 and auto_tolerance(1e-3) == 4e-3 and auto_tolerance(1e-6) == 1e-4
+    assert auto_tolerance(None, 1e-3) == 1e-3 and auto_tolerance(1e-3, 1e-2) == 1e-2
+
+
+def test_merge_report_has_the_fp64_figures(files):
+    merge(files / "q4", files / "adapter", files / "merged_fp64", progress=False)
+    report = json.loads((files / "merged_fp64" / REPORT_FILE).read_text())
+    assert report["weights"]["max_weight_err_ulps"] <= 0.5 + 1e-6
+    assert report["tolerance"] == 1e-4 and report["fp32_tolerance"] >= 1e-4
+    assert report["fp32_noise_floor"] > 0 and report["fp64_max_abs_logit_diff"] < 1e-5
+
+
+def test_merge_refuses_offsets_that_are_not_the_exact_sum(files, monkeypatch):
+    import qalora.merging as merge_mod
+
+    real = merge_mod.merge_offsets
+    monkeypatch.setattr(merge_mod, "merge_offsets", lambda off, *a: real(off, *a) * (1 + 1e-5))
+    out = files / "inexact"
+    with pytest.raises(QaloraError, match="ulp of its offsets"):
+        merge(files / "q4", files / "adapter", out, progress=False)
+    _no_output(out)
+
+
+def test_merge_error_beyond_tolerance_in_fp64_writes_nothing(files, monkeypatch):
+    import qalora.merging as merge_mod
+
+    monkeypatch.setattr(merge_mod, "fp64_checks", lambda *a: {"fp32_noise_floor": 1e-6, "fp64_max_abs_logit_diff": 2e-4})
+    out = files / "drifted64"
+    with pytest.raises(QaloraError, match=r"2.00e-04 \(fp64\) exceeds the tolerance 0.0001"):
         merge(files / "q4", files / "adapter", out, progress=False)
     _no_output(out)

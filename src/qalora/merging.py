@@ -8,8 +8,9 @@ of group ``g`` in row ``o`` — a per-(row, group) constant — so it folds into
     offset'[o, g] = offset[o, g] + s * (B @ A)[o, g] / L        # codes q and scale unchanged
 
 No re-quantization happens: the merged model computes the same function as the unmerged
-one, up to fp32 rounding. ``verify_merge`` measures that on a few prompts, and ``merge`` (the
-``qalora merge`` command) refuses to write a checkpoint whose logits drift past a tolerance.
+one, up to the fp32 rounding of ``offset'``. ``qalora.merge_verify`` measures that (per layer in
+fp64, and on the logits of a few prompts), and ``merge`` (the ``qalora merge`` command) refuses
+to write a checkpoint that fails the check.
 """
 
 from __future__ import annotations
@@ -27,26 +28,15 @@ from qalora.checkpoint import WEIGHTS_FILE, load, read_meta, write_checkpoint
 from qalora.config import LoraConfig
 from qalora.errors import QaloraError
 from qalora.io import atomic_dir, check_new_output, sha256_file, write_json
-from qalora.kernels.int4 import int4_supports
 from qalora.models import load_tokenizer
 from qalora.nn.lora import LoRALinear, QALoRALinear
 from qalora.nn.quant_linear import QuantLinear
-from qalora.patch import quant_layers, set_kernel, set_submodule
+from qalora.merge_verify import (DEFAULT_PROMPTS, MAX_WEIGHT_ULPS, MIN_TOLERANCE, auto_tolerance, fp64_checks, verify_merge,
+                                  weight_errors)
+from qalora.patch import set_submodule
 from qalora.adapter_files import ADAPTER_FILE, read_adapter_config, read_adapter_tensors
 
 REPORT_FILE = "merge_report.json"
-
-# Short, tokenizer-agnostic texts; each is run alone (no padding), so no attention mask matters.
-DEFAULT_PROMPTS = (
-    "The capital of France is",
-    "Question: What do bees make?\nAnswer:",
-    "def add(a, b):\n    return",
-    "Quantized weights keep a scale and an offset for every group of",
-)
-
-# kernel -> dtype its matmuls run in (reported beside the logit differences)
-VERIFY_KERNELS = {"reference": "fp32", "int4": "bf16"}
-
 
 # ---------------------------------------------------------------------------------------------
 # Pure tensor function
@@ -129,69 +119,6 @@ def shared_copy(model: nn.Module) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------
-# Verification
-# ---------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def _prompt_logits(model: nn.Module, tokenizer, prompts) -> torch.Tensor:
-    """``[n_tokens, vocab]`` fp32 logits of every prompt, run one by one without padding."""
-    device = next(model.parameters()).device
-    rows = []
-    for p in prompts:
-        ids = tokenizer(p, return_tensors="pt")["input_ids"].to(device)   # [1, T]
-        if ids.shape[1] == 0:
-            raise QaloraError(f"prompt {p!r} tokenizes to nothing; pass non-empty prompts")
-        rows.append(model(input_ids=ids, use_cache=False).logits[0].float())  # [T, vocab]
-    return torch.cat(rows)
-
-
-def _kernel_supported(model: nn.Module, kernel: str) -> bool:
-    if kernel != "int4":
-        return True
-    device = next(model.parameters()).device
-    return all(int4_supports(m, device) for m in quant_layers(model).values())
-
-
-def compare_logits(unmerged: nn.Module, merged: nn.Module, tokenizer, prompts=DEFAULT_PROMPTS,
-                   kernel: str = "reference") -> dict | None:
-    """Logits of both models with every ``QuantLinear`` on ``kernel``; ``None`` when a layer of
-    either model cannot run it. Kernels and train/eval modes are restored afterwards.
-
-    Returns ``{"max_abs_logit_diff", "mean_abs_logit_diff", "top1_agreement", "n_tokens",
-    "compute_dtype", "kernel"}`` over all prompt positions.
-    """
-    if kernel not in VERIFY_KERNELS:
-        raise QaloraError(f"kernel {kernel!r} cannot verify a merge; use one of {', '.join(VERIFY_KERNELS)}")
-    if not (_kernel_supported(unmerged, kernel) and _kernel_supported(merged, kernel)):
-        return None
-    saved = [(m, m.kernel) for model in (unmerged, merged) for m in quant_layers(model).values()]
-    modes = [(model, model.training) for model in (unmerged, merged)]
-    try:
-        logits = []
-        for model in (unmerged, merged):
-            model.eval()
-            set_kernel(model, kernel)
-            logits.append(_prompt_logits(model, tokenizer, prompts))
-    finally:
-        for m, k in saved:
-            m.kernel = k
-        for model, training in modes:
-            model.train(training)
-    a, b = logits
-    diff = (a - b).abs()
-    return {"max_abs_logit_diff": float(diff.max()), "mean_abs_logit_diff": float(diff.mean()),
-            "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).float().mean()), "n_tokens": int(a.shape[0]),
-            "compute_dtype": VERIFY_KERNELS[kernel], "kernel": kernel}
-
-
-def verify_merge(unmerged: nn.Module, merged: nn.Module, tokenizer, prompts=DEFAULT_PROMPTS,
-                 kernels: tuple[str, ...] = ("reference", "int4")) -> dict:
-    """``{kernel: compare_logits(...) or None}`` for each kernel: ``reference`` (fp32, the exactness
-    check) and ``int4`` (bf16 tinygemm, what runtimes execute; ``None`` where unsupported)."""
-    return {k: compare_logits(unmerged, merged, tokenizer, prompts, k) for k in kernels}
-
-
-# ---------------------------------------------------------------------------------------------
 # Files: qalora merge --model QDIR --adapter ADIR --out MDIR
 # ---------------------------------------------------------------------------------------------
 
@@ -226,14 +153,23 @@ def codes_and_scales_unchanged(merged: nn.Module, names: list[str], weights_file
 
 
 def merge(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out: str | os.PathLike, *,
-          tolerance: float = 1e-4, prompts=DEFAULT_PROMPTS, progress: bool = True) -> dict:
+          tolerance: float | None = None, noise_floor: bool = True, prompts=DEFAULT_PROMPTS,
+          progress: bool = True) -> dict:
     """Merge the QA-LoRA adapter in ``adapter_dir`` into the qalora checkpoint ``model_dir`` and
     write the merged checkpoint to the new folder ``out`` (with ``merge_report.json``).
 
-    The merged model is verified against the unmerged one before anything is written: if the
-    fp32 (reference kernel) max |logit difference| exceeds ``tolerance``, nothing is written and
+    The merged model is verified against the unmerged one before anything is written
+    (``qalora.merge_verify``): every merged weight must equal the adapted layer's effective
+    weight within half an ulp of its fp32 offset (fp64 check); the max |logit difference| with
+    both models computed in fp64 — the merge's own error, free of arithmetic noise — must not
+    exceed ``tolerance`` (default 1e-4); and the fp32 (reference kernel) figure must not exceed
+    ``max(tolerance, 4 x fp32 noise floor)``, the floor being the unmerged model's own fp32-vs-fp64
+    drift on the same prompts. ``noise_floor=False`` skips the fp64 runs (they need an fp64 copy
+    of the weights) and holds the fp32 figure to ``tolerance``. On failure nothing is written and
     a ``QaloraError`` is raised. Returns the merge report.
     """
+    if tolerance is not None and not (isinstance(tolerance, (int, float)) and tolerance > 0):
+        raise QaloraError(f"tolerance must be a positive number, got {tolerance!r}")
     model_dir, adir = Path(model_dir).expanduser(), Path(adapter_dir).expanduser()
     check_new_output(out)
     cfg = read_adapter_config(adir)
@@ -250,11 +186,23 @@ def merge(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out: str
     merged = shared_copy(unmerged)
     names = merge_model_inplace(merged)
 
+    weights = weight_errors(unmerged, merged, names)
+    if not weights["max_weight_err_ulps"] <= MAX_WEIGHT_ULPS:  # also catches nan
+        raise QaloraError(f"merge verification failed: {weights['worst_layer']} differs from the adapted weights by "
+                          f"{weights['max_weight_err_ulps']:.3g} ulp of its offsets (an exact merge: <= 0.5); "
+                          f"nothing was written to {str(out)!r}")
     verification = verify_merge(unmerged, merged, tokenizer, prompts)
+    floors = fp64_checks(unmerged, merged, tokenizer, prompts) if noise_floor else {}
+    tolerance = MIN_TOLERANCE if tolerance is None else float(tolerance)
+    fp32_tolerance = auto_tolerance(floors.get("fp32_noise_floor"), tolerance)
+    checks = [("fp32", verification["reference"]["max_abs_logit_diff"], fp32_tolerance)]
+    if floors:
+        checks.append(("fp64", floors["fp64_max_abs_logit_diff"], tolerance))
+    for dtype, worst, limit in checks:
+        if not worst <= limit:  # also catches nan
+            raise QaloraError(f"merge verification failed: max |logit difference| {worst:.2e} ({dtype}) exceeds the "
+                              f"tolerance {limit:.3g}; nothing was written to {str(out)!r}")
     worst = verification["reference"]["max_abs_logit_diff"]
-    if not worst <= tolerance:  # also catches nan
-        raise QaloraError(f"merge verification failed: max |logit difference| {worst:.3g} (fp32) exceeds the "
-                          f"tolerance {tolerance:g}; nothing was written to {str(out)!r}")
     if not codes_and_scales_unchanged(merged, names, model_dir / WEIGHTS_FILE):
         raise QaloraError("merge changed quantized codes or scales (a bug: only offsets may change); nothing was written")
     offset_change = max(float((merged.get_submodule(n).offset - unmerged.get_submodule(n).base.offset).abs().max())
@@ -265,7 +213,8 @@ def merge(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out: str
     new_meta["merged_adapter"] = {"path": str(adir), "sha256": adapter_sha, "method": cfg["method"],
                                   "rank": cfg["rank"], "alpha": cfg["alpha"], "targets": list(cfg["targets"]),
                                   "base_path": str(model_dir), "base_sha256": cfg["base_sha256"]}
-    report = {**verification, "tolerance": tolerance, "layers_merged": len(names), "modules": names,
+    report = {**verification, "weights": weights, **floors, "tolerance": tolerance, "fp32_tolerance": fp32_tolerance,
+              "layers_merged": len(names), "modules": names,
               "codes_and_scales_unchanged": True, "max_abs_offset_change": offset_change,
               "adapter": str(adir), "adapter_sha256": adapter_sha, "base": str(model_dir)}
     # checkpoint and report land together: one staging folder, renamed to ``out`` or deleted
@@ -275,7 +224,10 @@ def merge(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out: str
     if progress:
         i4 = verification.get("int4")
         i4_txt = f", int4 bf16 {i4['max_abs_logit_diff']:.2e}" if i4 else ""
+        floor_txt = (f"; fp32 noise floor {floors['fp32_noise_floor']:.2e}; fp64 {floors['fp64_max_abs_logit_diff']:.2e},"
+                     f" allowed {tolerance:.2g}") if floors else ""
         print(f"qalora merge: {len(names)} adapters merged into {str(out)!r}; max |logit diff| fp32 {worst:.2e}"
-              f"{i4_txt} (tolerance {tolerance:g}), top-1 agreement {verification['reference']['top1_agreement']:.1%}",
+              f"{i4_txt} (allowed {fp32_tolerance:.2g}{floor_txt}), weights within {weights['max_weight_err_ulps']:.2f} ulp, "
+              f"top-1 agreement {verification['reference']['top1_agreement']:.1%}",
               flush=True)
     return report

@@ -21,7 +21,8 @@ from qalora.checkpoint import write_checkpoint
 from qalora.config import QuantConfig
 from qalora.errors import QaloraError
 from qalora.io import atomic_dir, check_new_output, sha256_file, write_json
-from qalora.merging import REPORT_FILE, shared_copy, verify_merge
+from qalora.merge_verify import verify_merge
+from qalora.merging import REPORT_FILE, shared_copy
 from qalora.nn.lora import LoRALinear
 from qalora.patch import set_submodule
 from qalora.quantize import quantize_model

@@ -28,6 +28,7 @@ def reference_prepare(module, device: torch.device) -> dict:
 
 
 def reference_matmul(x: torch.Tensor, module, state: dict) -> torch.Tensor:
-    """``x [M, in]`` → ``[M, out]`` in ``x.dtype`` (computed in fp32)."""
-    w = dequantized_weight(module, torch.float32)
-    return (x.float() @ w.t()).to(x.dtype)
+    """``x [M, in]`` → ``[M, out]`` in ``x.dtype`` (computed in fp32; in fp64 for fp64 ``x``)."""
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    w = dequantized_weight(module, work)
+    return (x.to(work) @ w.t()).to(x.dtype)

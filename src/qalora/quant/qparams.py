@@ -79,8 +79,10 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, g
         codes: ``[out, in]`` integer codes (unpacked).
         scale, offset: ``[out, in / L]``.
     Returns:
-        ``[out, in]`` in ``dtype`` (computed in fp32).
+        ``[out, in]`` in ``dtype``, computed in fp32 (fp64 when ``dtype`` is fp64: the
+        precision check of a merge uses it).
     """
-    q = group_view(codes, group_size).float()
-    w = q * scale.float().unsqueeze(-1) + offset.float().unsqueeze(-1)
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    q = group_view(codes, group_size).to(work)
+    w = q * scale.to(work).unsqueeze(-1) + offset.to(work).unsqueeze(-1)
     return w.reshape(codes.shape).to(dtype)

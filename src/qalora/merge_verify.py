@@ -1,0 +1,190 @@
+"""Verification of a merge: does the merged model compute what the adapted one computed?
+
+Three measurements, all on the same fixed prompts:
+
+* **weights** (fp64, per layer) — the merged dequantized weight against the adapted layer's
+  effective weight built independently from its parts::
+
+      W_eff[o, i] = scale[o, g] * q[o, i] + offset[o, g] + s * (B @ A)[o, g] / L     g = i // L
+      err[o, i]   = |W_merged[o, i] - W_eff[o, i]|  /  ulp_fp32(offset'[o, g])
+
+  An exact merge leaves only the rounding of ``offset'`` to fp32: ``err <= 0.5`` ulp.
+* **logits** — ``compare_logits`` on the fp32 reference kernel (the exactness figure) and on
+  the int4 bf16 kernel (what runtimes execute).
+* **fp32 noise floor** — max |logits_fp32 - logits_fp64| of the *unmerged* model: how far two
+  fp32 evaluations of one function can drift on these prompts — on SmolLM2-135M about 1e-4, so
+  an fp32 comparison cannot resolve a merge error below that. ``fp64_max_abs_logit_diff`` (both
+  models run in fp64) measures the merge itself; the fp32 figure is held to
+  ``auto_tolerance`` (a multiple of the floor).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from qalora.errors import QaloraError
+from qalora.kernels.int4 import int4_supports
+from qalora.nn.lora import QALoRALinear
+from qalora.nn.quant_linear import QuantLinear
+from qalora.patch import quant_layers, set_kernel
+
+# Short, tokenizer-agnostic texts; each is run alone (no padding), so no attention mask matters.
+DEFAULT_PROMPTS = (
+    "The capital of France is",
+    "Question: What do bees make?\nAnswer:",
+    "def add(a, b):\n    return",
+    "Quantized weights keep a scale and an offset for every group of",
+)
+
+# kernel -> dtype its matmuls run in (reported beside the logit differences)
+VERIFY_KERNELS = {"reference": "fp32", "int4": "bf16"}
+
+
+@torch.no_grad()
+def _prompt_logits(model: nn.Module, tokenizer, prompts, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``[n_tokens, vocab]`` logits (in ``dtype``) of every prompt, run one by one without padding."""
+    device = next(model.parameters()).device
+    rows = []
+    for p in prompts:
+        ids = tokenizer(p, return_tensors="pt")["input_ids"].to(device)   # [1, T]
+        if ids.shape[1] == 0:
+            raise QaloraError(f"prompt {p!r} tokenizes to nothing; pass non-empty prompts")
+        rows.append(model(input_ids=ids, use_cache=False).logits[0].to(dtype))  # [T, vocab]
+    return torch.cat(rows)
+
+
+def _kernel_supported(model: nn.Module, kernel: str) -> bool:
+    if kernel != "int4":
+        return True
+    device = next(model.parameters()).device
+    return all(int4_supports(m, device) for m in quant_layers(model).values())
+
+
+def compare_logits(unmerged: nn.Module, merged: nn.Module, tokenizer, prompts=DEFAULT_PROMPTS,
+                   kernel: str = "reference") -> dict | None:
+    """Logits of both models with every ``QuantLinear`` on ``kernel``; ``None`` when a layer of
+    either model cannot run it. Kernels and train/eval modes are restored afterwards.
+
+    Returns ``{"max_abs_logit_diff", "mean_abs_logit_diff", "top1_agreement", "n_tokens",
+    "compute_dtype", "kernel"}`` over all prompt positions.
+    """
+    if kernel not in VERIFY_KERNELS:
+        raise QaloraError(f"kernel {kernel!r} cannot verify a merge; use one of {', '.join(VERIFY_KERNELS)}")
+    if not (_kernel_supported(unmerged, kernel) and _kernel_supported(merged, kernel)):
+        return None
+    saved = [(m, m.kernel) for model in (unmerged, merged) for m in quant_layers(model).values()]
+    modes = [(model, model.training) for model in (unmerged, merged)]
+    try:
+        logits = []
+        for model in (unmerged, merged):
+            model.eval()
+            set_kernel(model, kernel)
+            logits.append(_prompt_logits(model, tokenizer, prompts))
+    finally:
+        for m, k in saved:
+            m.kernel = k
+        for model, training in modes:
+            model.train(training)
+    a, b = logits
+    diff = (a - b).abs()
+    return {"max_abs_logit_diff": float(diff.max()), "mean_abs_logit_diff": float(diff.mean()),
+            "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).float().mean()), "n_tokens": int(a.shape[0]),
+            "compute_dtype": VERIFY_KERNELS[kernel], "kernel": kernel}
+
+
+def verify_merge(unmerged: nn.Module, merged: nn.Module, tokenizer, prompts=DEFAULT_PROMPTS,
+                 kernels: tuple[str, ...] = ("reference", "int4")) -> dict:
+    """``{kernel: compare_logits(...) or None}`` for each kernel: ``reference`` (fp32, the exactness
+    check) and ``int4`` (bf16 tinygemm, what runtimes execute; ``None`` where unsupported)."""
+    return {k: compare_logits(unmerged, merged, tokenizer, prompts, k) for k in kernels}
+
+
+# ---------------------------------------------------------------------------------------------
+# fp64 checks
+# ---------------------------------------------------------------------------------------------
+
+# Default merge tolerance (fp64 logits); the fp32 figure may reach FLOOR_FACTOR x the fp32 noise floor.
+MIN_TOLERANCE = 1e-4
+FLOOR_FACTOR = 4.0
+# An exact merge rounds each offset once: at most half an ulp (plus fp64 slack in the check).
+MAX_WEIGHT_ULPS = 0.5 + 1e-6
+
+
+@torch.no_grad()
+def layer_weight_error(adapted: QALoRALinear, merged: QuantLinear) -> tuple[float, float]:
+    """``(max abs error, max error in ulps of the fp32 merged offset)`` of one merged layer, fp64.
+
+    ``W_eff`` is built from the adapted layer's base buffers and its ``A [r, G]``, ``B [out, r]``
+    by repeating each group's delta over its ``L`` columns — not through ``merge_offsets``.
+    """
+    base, L = adapted.base, adapted.group_size
+    delta = (adapted.lora_B.weight.double() @ adapted.lora_A.weight.double()) * adapted.scaling / L  # [out, G]
+    w_eff = base.dequantized_weight(torch.float64) + delta.repeat_interleave(L, dim=1)               # [out, in]
+    err = (merged.dequantized_weight(torch.float64) - w_eff).abs()                                   # [out, in]
+    off = merged.offset.float().abs()
+    ulp = (torch.nextafter(off, torch.full_like(off, float("inf"))) - off).double()                   # [out, G]
+    ulps = err / ulp.repeat_interleave(L, dim=1)
+    return float(err.max()), float(ulps.max())
+
+
+def weight_errors(adapted: nn.Module, merged: nn.Module, names: list[str]) -> dict:
+    """Worst :func:`layer_weight_error` over the merged layers ``names``."""
+    worst_abs, worst_ulps, where = 0.0, 0.0, None
+    for n in names:
+        a, u = layer_weight_error(adapted.get_submodule(n), merged.get_submodule(n))
+        worst_abs = max(worst_abs, a)
+        if u >= worst_ulps:
+            worst_ulps, where = u, n
+    return {"max_abs_weight_err": worst_abs, "max_weight_err_ulps": worst_ulps, "worst_layer": where,
+            "compute_dtype": "fp64"}
+
+
+@contextlib.contextmanager
+def float64(*models: nn.Module):
+    """Every floating parameter and buffer of ``models`` in fp64 inside the block, restored to its
+    own dtype afterwards (exact: fp32 -> fp64 -> fp32 round-trips); reference kernel inside."""
+    tensors = {id(t): t for m in models for t in list(m.parameters()) + list(m.buffers()) if t.is_floating_point()}
+    dtypes = {k: t.dtype for k, t in tensors.items()}
+    saved = [(q, q.kernel) for m in models for q in quant_layers(m).values()]
+    try:
+        for t in tensors.values():
+            t.data = t.data.to(torch.float64)
+        for m in models:
+            set_kernel(m, "reference")
+        yield
+    finally:
+        for k, t in tensors.items():
+            t.data = t.data.to(dtypes[k])
+        for q, k in saved:
+            q.kernel = k
+
+
+def fp64_checks(unmerged: nn.Module, merged: nn.Module, tokenizer, prompts=DEFAULT_PROMPTS) -> dict:
+    """``{"fp32_noise_floor", "fp64_max_abs_logit_diff"}``: the unmerged model's fp32-vs-fp64
+    max |logit difference|, and merged vs unmerged with both computed in fp64 (what remains is
+    only the fp32 storage of the merged offsets). Costs an fp64 copy of the weights."""
+    modes = [(m, m.training) for m in (unmerged, merged)]
+    saved = [(q, q.kernel) for q in quant_layers(unmerged).values()]
+    try:
+        unmerged.eval(), merged.eval()
+        set_kernel(unmerged, "reference")
+        fp32 = _prompt_logits(unmerged, tokenizer, prompts)
+        with float64(unmerged, merged):
+            a = _prompt_logits(unmerged, tokenizer, prompts, torch.float64)
+            b = _prompt_logits(merged, tokenizer, prompts, torch.float64)
+    finally:
+        for q, k in saved:
+            q.kernel = k
+        for m, training in modes:
+            m.train(training)
+    return {"fp32_noise_floor": float((fp32.double() - a).abs().max()),
+            "fp64_max_abs_logit_diff": float((a - b).abs().max())}
+
+
+def auto_tolerance(noise_floor: float | None, tolerance: float = MIN_TOLERANCE) -> float:
+    """Allowed fp32 max |logit difference|: ``max(tolerance, FLOOR_FACTOR * noise_floor)``;
+    ``tolerance`` when no floor was measured."""
+    return tolerance if noise_floor is None else max(tolerance, FLOOR_FACTOR * noise_floor)
