@@ -10,7 +10,8 @@ from qalora.quant.weight import QuantizedWeight
 from qalora.quantize import quantize_model
 from qalora.training.loop import train
 from qalora.merging import merge
+from qalora.pipeline import pipeline
 
 __version__ = "0.1.0"
 __all__ = ["LoraConfig", "QaloraError", "QuantConfig", "TrainConfig", "train", "QuantLinear", "QuantizedWeight", "generate", "load",
-           "load_model_and_tokenizer", "merge", "quantize", "quantize_model", "save_checkpoint"]
+           "load_model_and_tokenizer", "merge", "pipeline", "quantize", "quantize_model", "save_checkpoint"]

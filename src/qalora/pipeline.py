@@ -1,0 +1,246 @@
+"""``qalora pipeline``: quantize -> train QA-LoRA -> exact merge (verified) -> GGUF export -> table.
+
+Every stage writes a folder (or file) under ``out`` that the matching single command would
+have written, so each result can be reused on its own::
+
+    out/quantized/    qalora quantize   (GPTQ by default)
+    out/adapter/      qalora train      (QA-LoRA on the default instruction mixture)
+    out/merged/       qalora merge      (+ merge_report.json)
+    out/model.gguf    qalora export --format gguf
+    out/pipeline.json the summary table below, as JSON
+
+Running the same command again resumes: a finished stage whose recorded configuration equals
+the requested one is reused, an interrupted training run is resumed from its last checkpoint,
+and a stage recorded with another configuration is refused rather than mixed in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from qalora.config import LoraConfig, QuantConfig, TrainConfig
+from qalora.errors import QaloraError
+from qalora.io import read_json, sha256_file, write_json
+
+SUMMARY_FILE = "pipeline.json"
+SPEED_PROMPT = "Write a short paragraph about why the sky is blue."
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelinePaths:
+    """Where each stage of a pipeline rooted at ``root`` writes."""
+
+    root: Path
+
+    @property
+    def quantized(self) -> Path:
+        return self.root / "quantized"
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "adapter"
+
+    @property
+    def merged(self) -> Path:
+        return self.root / "merged"
+
+    @property
+    def gguf(self) -> Path:
+        return self.root / "model.gguf"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / SUMMARY_FILE
+
+
+def _say(msg: str, progress: bool) -> None:
+    if progress:
+        print(f"[qalora pipeline] {msg}", flush=True)
+
+
+def _same_config(cls, recorded: dict | None, wanted) -> bool:
+    """Whether a configuration recorded as JSON equals ``wanted`` (a dataclass of type ``cls``)."""
+    try:
+        return recorded is not None and cls(**recorded) == wanted
+    except (TypeError, QaloraError):
+        return False
+
+
+def _stage_quantize(model, paths: PipelinePaths, quant: QuantConfig, progress: bool) -> dict:
+    from qalora.api import quantize
+    from qalora.checkpoint import read_meta
+
+    if paths.quantized.exists():
+        meta = read_meta(paths.quantized)
+        if not _same_config(QuantConfig, meta.get("quant_config"), quant):
+            raise QaloraError(f"{str(paths.quantized)!r} was quantized with {meta.get('quant_config')}, not the requested "
+                              f"{quant.to_dict()}; choose another --out")
+        _say(f"1/5 quantize: reusing {paths.quantized}", progress)
+        return meta
+    _say(f"1/5 quantize: INT{quant.bits} g{quant.group_size} {quant.method} -> {paths.quantized}", progress)
+    return quantize(model, paths.quantized, quant, progress=progress)
+
+
+def _stage_train(paths: PipelinePaths, cfg: TrainConfig, lora: LoraConfig, progress: bool) -> dict:
+    from qalora.adapter_files import ADAPTER_CONFIG, read_adapter_config
+    from qalora.training.loop import RUN_FILE, train
+
+    if (paths.adapter / ADAPTER_CONFIG).is_file():
+        done = read_adapter_config(paths.adapter)
+        recorded = {k: done.get(k) for k in ("rank", "alpha", "dropout", "targets")}
+        if not (_same_config(TrainConfig, done.get("train_config"), cfg) and _same_config(LoraConfig, recorded, lora)):
+            raise QaloraError(f"{str(paths.adapter)!r} holds an adapter trained with another configuration; "
+                              "choose another --out")
+        _say(f"2/5 train: reusing {paths.adapter}", progress)
+        return done
+    resume = (paths.adapter / RUN_FILE).is_file()
+    _say(f"2/5 train: QA-LoRA, {cfg.steps} steps{' (resuming)' if resume else ''} -> {paths.adapter}", progress)
+    return train(paths.quantized, paths.adapter, cfg, lora, resume=resume, progress=progress)
+
+
+def _stage_merge(paths: PipelinePaths, progress: bool) -> dict:
+    from qalora.adapter_files import ADAPTER_FILE
+    from qalora.merging import REPORT_FILE, merge
+
+    if (paths.merged / REPORT_FILE).is_file():
+        report = read_json(paths.merged / REPORT_FILE, "merge report")
+        if report.get("adapter_sha256") != sha256_file(paths.adapter / ADAPTER_FILE):
+            raise QaloraError(f"{str(paths.merged)!r} holds another adapter's merge; choose another --out")
+        _say(f"3/5 merge: reusing {paths.merged}", progress)
+        return report
+    _say(f"3/5 merge + verify -> {paths.merged}", progress)
+    return merge(paths.quantized, paths.adapter, paths.merged, progress=progress)
+
+
+def _stage_export(paths: PipelinePaths, progress: bool) -> dict:
+    from qalora.export.gguf import export_gguf
+
+    if paths.gguf.is_file():
+        _say(f"4/5 export: reusing {paths.gguf}", progress)
+        return {"path": str(paths.gguf), "bytes": paths.gguf.stat().st_size}
+    _say(f"4/5 export GGUF -> {paths.gguf}", progress)
+    report = export_gguf(paths.merged, paths.gguf, progress=progress)
+    return {**report, "path": str(paths.gguf), "bytes": paths.gguf.stat().st_size}
+
+
+@torch.inference_mode()
+def decode_tokens_per_s(model, tokenizer, new_tokens: int = 64, prompt: str = SPEED_PROMPT) -> float:
+    """Greedy decode speed at batch 1: ``new_tokens`` generated tokens / seconds, after a short
+    warm-up generation (kernel preparation and caches are not counted)."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    options = dict(do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    model.generate(ids, max_new_tokens=4, min_new_tokens=4, **options)
+    t0 = time.perf_counter()
+    model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **options)
+    return new_tokens / (time.perf_counter() - t0)
+
+
+def _stage_speed(paths: PipelinePaths, new_tokens: int, progress: bool) -> dict:
+    from qalora.adapter_files import load_adapted
+    from qalora.checkpoint import load
+    from qalora.models import load_tokenizer
+    from qalora.patch import set_kernel
+
+    _say(f"5/5 speed: greedy decode of {new_tokens} tokens, merged vs quantized + unmerged adapter", progress)
+    # both on the kernel "auto" picks; the unmerged model also runs its adapters (fp32, per layer)
+    tok = load_tokenizer(paths.merged)
+    merged = load(paths.merged, kernel="auto")
+    merged_tps = decode_tokens_per_s(merged, tok, new_tokens)
+    del merged
+    unmerged, _, _ = load_adapted(paths.quantized, paths.adapter)
+    set_kernel(unmerged, "auto")
+    unmerged_tps = decode_tokens_per_s(unmerged.eval(), tok, new_tokens)
+    return {"merged_tokens_per_s": merged_tps, "unmerged_tokens_per_s": unmerged_tps, "new_tokens": new_tokens,
+            "threads": torch.get_num_threads()}
+
+
+def pipeline(model: str | os.PathLike | None = "default", out: str | os.PathLike = "qalora-pipeline", *,
+             quant: QuantConfig | None = None, lora: LoraConfig | None = None, train_cfg: TrainConfig | None = None,
+             export: bool = True, speed_tokens: int = 64, progress: bool = True) -> dict:
+    """Run (or resume) the whole path on ``model`` under the folder ``out``; returns the summary
+    also written to ``out/pipeline.json`` (see :func:`format_table`)."""
+    quant = quant or QuantConfig(bits=3, group_size=32, method="gptq")
+    lora = lora or LoraConfig()
+    train_cfg = train_cfg or TrainConfig(steps=100, eval_every=50, save_every=50)
+    if train_cfg.method != "qalora":
+        raise QaloraError(f"the pipeline trains QA-LoRA (its adapters merge exactly); got method {train_cfg.method!r}")
+    if isinstance(speed_tokens, bool) or not isinstance(speed_tokens, int) or speed_tokens < 1:
+        raise QaloraError(f"speed_tokens must be an integer >= 1, got {speed_tokens!r}")
+    root = Path(out).expanduser()
+    if root.exists() and not root.is_dir():
+        raise QaloraError(f"--out {str(root)!r} exists and is not a folder")
+    if not root.parent.is_dir():
+        raise QaloraError(f"the parent folder of --out {str(root)!r} does not exist")
+    root.mkdir(exist_ok=True)
+    paths = PipelinePaths(root)
+
+    times: dict[str, float] = {}
+
+    def timed(name, fn, *args):
+        t0 = time.time()
+        result = fn(*args)
+        times[name] = round(time.time() - t0, 1)
+        return result
+
+    qmeta = timed("quantize", _stage_quantize, model, paths, quant, progress)
+    adapter = timed("train", _stage_train, paths, train_cfg, lora, progress)
+    report = timed("merge", _stage_merge, paths, progress)
+    gguf = timed("export", _stage_export, paths, progress) if export else None
+    speed = timed("speed", _stage_speed, paths, speed_tokens, progress)
+
+    qbytes = (paths.quantized / "model.safetensors").stat().st_size
+    mbytes = (paths.merged / "model.safetensors").stat().st_size
+    summary = {
+        "model": str(model), "out": str(root), "bits": quant.bits, "group_size": quant.group_size,
+        "quant_method": quant.method, "bits_per_quantized_weight": qmeta["report"].get("bits_per_quantized_weight"),
+        "quantized_bytes": qbytes, "merged_bytes": mbytes, "gguf_bytes": gguf["bytes"] if gguf else None,
+        "train_steps": adapter["steps"], "trainable_parameters": adapter["trainable_parameters"],
+        "val_loss_before": adapter["val_loss_start"], "val_loss_after": adapter["val_loss_end"],
+        "seconds_per_step": adapter["seconds_per_step"],
+        "merge": {k: report.get(k) for k in ("reference", "int4", "weights", "fp32_noise_floor",
+                                             "fp64_max_abs_logit_diff", "tolerance", "fp32_tolerance")},
+        "speed": speed, "stage_seconds": times,
+    }
+    write_json(paths.summary, summary)
+    return summary
+
+
+def _mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:.1f} MB"
+
+
+def format_table(s: dict) -> str:
+    """The pipeline summary as an aligned two-column text table."""
+    m = s["merge"]
+    ref, i4 = m["reference"], m.get("int4")
+    rows = [
+        ("weights", f"INT{s['bits']} g{s['group_size']} {s['quant_method'].upper()} "
+                    f"({s['bits_per_quantized_weight']:.2f} bits/weight incl. scale+offset)"),
+        ("size on disk", f"quantized {_mb(s['quantized_bytes'])}, merged {_mb(s['merged_bytes'])}, "
+                         f"GGUF {_mb(s['gguf_bytes'])}"),
+        ("QA-LoRA", f"{s['trainable_parameters']:,} trainable parameters, {s['train_steps']} steps, "
+                    f"{s['seconds_per_step']:.2f} s/step"),
+        ("validation loss", f"{s['val_loss_before']:.4f} before tuning -> {s['val_loss_after']:.4f} after"),
+        ("merge error fp64", f"max |Δlogit| {m['fp64_max_abs_logit_diff']:.2e} (allowed {m['tolerance']:.0e}); "
+                             f"weights within {m['weights']['max_weight_err_ulps']:.2f} ulp"
+         if m.get("fp64_max_abs_logit_diff") is not None else "not measured"),
+        ("merge error fp32", f"max |Δlogit| {ref['max_abs_logit_diff']:.2e} (fp32 noise floor "
+                             f"{m['fp32_noise_floor']:.2e}), top-1 {ref['top1_agreement']:.0%}"
+         if m.get("fp32_noise_floor") is not None else f"max |Δlogit| {ref['max_abs_logit_diff']:.2e}"),
+        ("merge error int4", "-" if not i4 else f"max |Δlogit| {i4['max_abs_logit_diff']:.2e} (bf16 kernel), "
+                                                f"top-1 {i4['top1_agreement']:.0%}"),
+        ("decode tokens/s", f"merged {s['speed']['merged_tokens_per_s']:.1f} vs unmerged "
+                            f"{s['speed']['unmerged_tokens_per_s']:.1f} (batch 1, {s['speed']['threads']} threads)"),
+        ("stage seconds", ", ".join(f"{k} {v:.0f}" for k, v in s["stage_seconds"].items())),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
