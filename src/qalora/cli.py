@@ -86,8 +86,15 @@ def cmd_merge(args) -> int:
 
 
 def cmd_export(args) -> int:
+    if args.format == "torchao":
+        if args.fallback is not None:
+            raise QaloraError("--fallback applies to --format gguf only; the torchao format holds every layer")
+        from qalora.export.torchao import export_torchao
+
+        export_torchao(args.model, args.out, progress=not args.quiet)
+        return 0
     if args.format != "gguf":
-        raise QaloraError(f"export format {args.format!r} is unknown; use one of: gguf")
+        raise QaloraError(f"export format {args.format!r} is unknown; use one of: gguf, torchao")
     from qalora.export.gguf import export_gguf
 
     export_gguf(args.model, args.out, fallback=args.fallback, progress=not args.quiet)
@@ -185,10 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--quiet", action="store_true")
     m.set_defaults(func=cmd_merge)
 
-    x = sub.add_parser("export", help="write a qalora checkpoint in a runtime's format (gguf for llama.cpp)")
+    x = sub.add_parser("export", help="write a qalora checkpoint in a runtime's format (gguf for llama.cpp, "
+                                      "torchao for transformers)")
     x.add_argument("--model", required=True, help="qalora checkpoint (quantized or merged)")
-    x.add_argument("--format", default="gguf", help="gguf")
-    x.add_argument("--out", required=True, help="new output file")
+    x.add_argument("--format", choices=["gguf", "torchao"], default="gguf",
+                   help="gguf: one llama.cpp file; torchao: a folder AutoModelForCausalLM.from_pretrained loads "
+                        "(needs torchao, not qalora)")
+    x.add_argument("--out", required=True, help="new output file (gguf) or folder (torchao)")
     x.add_argument("--fallback", choices=["f16"], default=None,
                    help="write layers Q4_1 cannot hold exactly (8-bit, groups not a multiple of 32) as F16, "
                         "reporting their error; default: refuse")

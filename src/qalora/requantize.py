@@ -49,6 +49,21 @@ def merge_lora_dense(layer: LoRALinear) -> nn.Linear:
     return out
 
 
+def merge_dense(adapted: nn.Module) -> tuple[nn.Module, list[str]]:
+    """``(dense, names)``: a copy of ``adapted`` (sharing its unadapted tensors) with every
+    ``LoRALinear`` merged into an fp32 ``nn.Linear`` (``names``) and every NF4 layer without an
+    adapter dequantized: the "merged in 16 bits" model of the LoRA/QLoRA baselines (kept in
+    fp32 here). ``adapted`` itself is unchanged."""
+    dense = shared_copy(adapted)  # shares every tensor; merging swaps modules, so ``adapted`` stays the reference
+    names = [n for n, m in dense.named_modules() if isinstance(m, LoRALinear)]
+    for n in names:
+        set_submodule(dense, n, merge_lora_dense(dense.get_submodule(n)))
+    for n, m in list(dense.named_modules()):
+        if type(m).__name__ == "NF4Linear":
+            set_submodule(dense, n, merge_lora_dense(LoRALinear(m, rank=1, alpha=0.0)))
+    return dense, names
+
+
 def requantize(model: str | os.PathLike | None, adapter_dir: str | os.PathLike, out: str | os.PathLike,
                config: QuantConfig, progress: bool = True) -> dict:
     """Merge a ``lora``/``qlora`` adapter into its full-precision (or NF4-dequantized) base and
@@ -61,13 +76,7 @@ def requantize(model: str | os.PathLike | None, adapter_dir: str | os.PathLike, 
     if cfg["method"] == "qalora":
         raise QaloraError(f"adapter {str(adapter_dir)!r} is a QA-LoRA adapter: merge it exactly "
                           "(qalora merge without --requantize)")
-    dense = shared_copy(adapted)  # shares every tensor; merging swaps modules, so ``adapted`` stays the reference
-    names = [n for n, m in dense.named_modules() if isinstance(m, LoRALinear)]
-    for n in names:
-        set_submodule(dense, n, merge_lora_dense(dense.get_submodule(n)))
-    for n, m in list(dense.named_modules()):  # NF4 layers without an adapter are dequantized too
-        if type(m).__name__ == "NF4Linear":
-            set_submodule(dense, n, merge_lora_dense(LoRALinear(m, rank=1, alpha=0.0)))
+    dense, names = merge_dense(adapted)
     calib = None
     if config.method == "gptq":
         calib = calibration_batch(tok, n_samples=config.calib_samples, seq_len=config.calib_seq_len, seed=config.seed)
