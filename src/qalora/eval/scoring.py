@@ -2,8 +2,8 @@
 
 For a request ``(context, continuation)`` with token ids ``c = enc(context)`` and
 ``y = enc(context + continuation)[len(c):]`` (the lm-evaluation-harness convention: the pair
-is encoded as one string so merges across the boundary count, and trailing spaces of the
-context move to the continuation first)::
+is encoded as one string so merges across the boundary count, and trailing whitespace of the
+context moves to the continuation first)::
 
     loglik    = sum_{j} log p(y_j | c, y_<j)
     is_greedy = all_j  argmax_v p(v | c, y_<j) == y_j
@@ -39,7 +39,7 @@ class Scored:
 
 def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """Token ids of ``(context, continuation)`` split as lm-eval does (see module docstring)."""
-    n_spaces = len(context) - len(context.rstrip(" "))
+    n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
     if not continuation:
