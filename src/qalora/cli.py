@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import sys
 import typing
+from pathlib import Path
 
 from qalora.errors import QaloraError
 
@@ -102,23 +103,20 @@ def cmd_export(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from qalora.api import load_model_and_tokenizer
-    from qalora.eval.perplexity import perplexity
-    from qalora.io import check_new_output, write_json
+    from qalora.api import evaluate
+    from qalora.eval.evaluate import EvalOptions
+    from qalora.eval.report import format_table, write_json_new
+    from qalora.io import check_new_output
 
     if args.out:
         check_new_output(args.out)
-    model, tok = load_model_and_tokenizer(args.model, kernel=args.kernel)
-    results = {}
-    for task in args.tasks:
-        if task != "perplexity":
-            raise QaloraError(f"task {task!r} is unknown; use: perplexity")
-        res = perplexity(model, tok, seq_len=args.seq_len, max_windows=args.windows, batch_size=args.batch_size,
-                         progress=not args.quiet)
-        results[task] = res.to_dict()
-        print(f"{task}: {res.perplexity:.3f} ({res.n_tokens} tokens in {res.n_windows} windows of {res.seq_len})")
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvalOptions)}
+    report = evaluate(args.model, args.tasks, adapter=args.adapter, kernel=args.kernel, progress=not args.quiet,
+                      **options)
+    print(format_table(report))
     if args.out:
-        write_json(args.out, {"model": str(args.model), "results": results})
+        write_json_new(args.out, report)
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -148,6 +146,20 @@ def cmd_pipeline(args) -> int:
     print(format_table(summary))
     print(f"stages in {args.out}: quantized/ adapter/ merged/{' model.gguf' if not args.no_export else ''} "
           f"pipeline.json")
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    import shlex
+
+    from qalora.reproduce import reproduce, write_docs
+
+    summary = reproduce(args.out, args.budget, args.model, progress=not args.quiet)
+    if args.docs:
+        notes = Path(args.notes).read_text() if args.notes else ""
+        command = "qalora " + " ".join(shlex.quote(a) for a in args.argv)
+        for path in write_docs(summary, args.docs, command, notes):
+            print(f"wrote {path}")
     return 0
 
 
@@ -225,12 +237,30 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--quiet", action="store_true")
     pl.set_defaults(func=cmd_pipeline)
 
-    e = sub.add_parser("eval", help="evaluate a model (perplexity on held-out LAMBADA passages)")
+    from qalora.eval.evaluate import EvalOptions
+    from qalora.eval.tasks import registry
+
+    r = sub.add_parser("reproduce", help="the paper's Table 1 on a model: base, RTN/GPTQ, LoRA, QLoRA, QLoRA w/ "
+                                         "RTN/GPTQ and QA-LoRA at INT4/3/2, evaluated; rerun to resume")
+    r.add_argument("--model", default="default", help="local HF model folder, or 'default' (embedded SmolLM2-135M)")
+    r.add_argument("--budget", choices=["small", "full", "smoke"], default="small",
+                   help="small: subsets + 100 steps (~2 h on 2 CPU cores); full: everything (a GPU); smoke: minutes")
+    r.add_argument("--out", default="qalora-reproduce", help="work folder (bases, adapters, models, row results)")
+    r.add_argument("--docs", default=None, help="also write RESULTS.md, results.json, results.png into this folder")
+    r.add_argument("--notes", default=None, help="a Markdown file appended to RESULTS.md as its discussion")
+    r.add_argument("--quiet", action="store_true")
+    r.set_defaults(func=cmd_reproduce)
+
+    e = sub.add_parser("eval", help="evaluate a model: MMLU, commonsense multiple choice (lm-eval 0.4 prompts), "
+                                    "perplexity on held-out LAMBADA passages")
     e.add_argument("--model", default="default", help="qalora checkpoint, HF folder or 'default'")
-    e.add_argument("--tasks", nargs="+", default=["perplexity"], help="tasks to run: perplexity")
-    e.add_argument("--seq-len", type=int, default=512, help="tokens per perplexity window")
-    e.add_argument("--windows", type=int, default=32, help="perplexity windows (first N of the held-out stream)")
-    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--adapter", help="adapter folder from qalora train, applied unmerged on --model")
+    e.add_argument("--tasks", nargs="+", default=["perplexity"],
+                   help=f"comma- or space-separated: {', '.join(registry())} (default: perplexity)")
+    for f in dataclasses.fields(EvalOptions):  # --shots --limit --seed --subset --batch-size ... from EvalOptions
+        kind = str if f.name == "subset" else int
+        e.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=f.default,
+                       help=f"{f.metadata['help']} (default: {f.default})")
     e.add_argument("--kernel", default="auto", choices=KERNEL_CHOICES)
     e.add_argument("--out", help="write results as JSON to this new file")
     e.add_argument("--quiet", action="store_true")
@@ -253,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     try:
         return args.func(args)
     except QaloraError as e:

@@ -1,0 +1,180 @@
+"""Turn ``qalora reproduce`` results into ``RESULTS.md`` (table + verdicts), JSON and a plot.
+
+Verdicts compare QA-LoRA with "QLoRA w/ GPTQ" at each bit width on the commonsense average
+and on MMLU (0-shot), with the difference's standard error ``sqrt(se_a^2 + se_b^2)`` (the two
+rows are scored on the same items, so this is conservative)::
+
+    beat        diff >  2 se
+    lost        diff < -2 se
+    no clear difference otherwise
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from qalora.reproduce.plan import COMMONSENSE, EXTRA_CHOICE
+
+SHORT = {"hellaswag": "HellaS", "piqa": "PIQA", "winogrande": "WinoG", "arc_easy": "ARC-e", "arc_challenge": "ARC-c",
+         "boolq": "BoolQ", "openbookqa": "OBQA", "siqa": "SIQA"}
+
+
+def reported(result: dict) -> dict:
+    """``{value, stderr, n}`` of a task result's customary metric."""
+    return result[result.get("reported", "acc")]
+
+
+def _pct(e: dict | None) -> str:
+    if not e:
+        return "-"
+    se = e.get("stderr")
+    return f"{100 * e['value']:.1f}" + (f" ± {100 * se:.1f}" if se is not None else "")
+
+
+def _size(n: int | None) -> str:
+    return "-" if not n else f"{n / 1e6:.0f} MB"
+
+
+def _bits(row: dict) -> str:
+    return "16" if row["bits"] is None else f"{row['bits']} (g{row['group_size']})"
+
+
+def score(row: dict, key: str) -> dict:
+    res = row["results"]
+    if key == "commonsense":
+        return res["commonsense"]["score"]
+    if key.startswith("mmlu"):
+        return res[key]["acc"]
+    return reported(res[key])
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown table, one line per row: accuracies in % ± standard error."""
+    head = ["row", "bits", "MMLU 0-shot", "MMLU 5-shot", *(SHORT[t] for t in COMMONSENSE), "CS avg (7)",
+            *(SHORT[t] for t in EXTRA_CHOICE), "ppl", "trainable", "train s", "size"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        res = r["results"]
+        cells = [r["label"], _bits(r), _pct(score(r, "mmlu_0shot")), _pct(score(r, "mmlu_5shot")),
+                 *(_pct(reported(res[t])) for t in COMMONSENSE), f"**{_pct(score(r, 'commonsense'))}**",
+                 *(_pct(reported(res[t])) for t in EXTRA_CHOICE), f"{res['perplexity']['perplexity']:.1f}",
+                 f"{r['trainable_parameters'] / 1e6:.1f} M" if r.get("trainable_parameters") else "-",
+                 f"{r['train_seconds']:.0f}" if r.get("train_seconds") else "-", _size(r.get("size_bytes"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def compare(a: dict, b: dict) -> tuple[float, float, str]:
+    """``(diff, se, verdict)`` of ``a - b`` for two ``{value, stderr}`` estimates."""
+    diff = a["value"] - b["value"]
+    se = math.sqrt((a.get("stderr") or 0.0) ** 2 + (b.get("stderr") or 0.0) ** 2)
+    verdict = "beat" if diff > 2 * se else "lost to" if diff < -2 * se else "showed no clear difference from"
+    return diff, se, verdict
+
+
+def verdicts(rows: list[dict]) -> list[str]:
+    """One sentence per (bit width, group size, metric): QA-LoRA vs QLoRA w/ GPTQ."""
+    by_id = {r["id"]: r for r in rows}
+    out = []
+    for r in rows:
+        if r["method"] != "qalora":
+            continue
+        other = by_id.get(r["id"].replace("qalora", "qlora+gptq", 1))
+        if other is None:
+            continue
+        for key, name in (("commonsense", "the commonsense average"), ("mmlu_0shot", "MMLU 0-shot"),
+                          ("mmlu_5shot", "MMLU 5-shot")):
+            diff, se, verdict = compare(score(r, key), score(other, key))
+            out.append(f"- INT{r['bits']} g{r['group_size']}, {name}: QA-LoRA {verdict} QLoRA w/ GPTQ "
+                       f"({100 * diff:+.1f} ± {100 * se:.1f} points; {_pct(score(r, key))} vs {_pct(score(other, key))}).")
+    return out
+
+
+def plot(rows: list[dict], path: str | os.PathLike, group_size: int = 32) -> None:
+    """Commonsense average and MMLU 0-shot vs bits per method (PNG); 16-bit rows as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    styles = {"qalora": ("QA-LoRA", "o-"), "qlora+gptq": ("QLoRA w/ GPTQ", "s--"), "qlora+rtn": ("QLoRA w/ RTN", "^:"),
+              "gptq": ("GPTQ, no tuning", "x-."), "rtn": ("RTN, no tuning", "+:")}
+    flat = {"base": ("base fp32", "k"), "lora": ("LoRA 16-bit", "tab:green"), "qlora": ("QLoRA 4+16", "tab:purple")}
+    for ax, key, title in ((axes[0], "commonsense", "commonsense average (7 tasks)"),
+                           (axes[1], "mmlu_0shot", "MMLU 0-shot")):
+        for method, (label, style) in styles.items():
+            pts = sorted((r["bits"], score(r, key)) for r in rows
+                         if r["method"] == method and r["group_size"] == group_size)
+            if pts:
+                ax.errorbar([b for b, _ in pts], [100 * e["value"] for _, e in pts],
+                            yerr=[100 * (e.get("stderr") or 0) for _, e in pts], fmt=style, capsize=3, label=label)
+        for r in rows:
+            if r["method"] in flat:
+                label, color = flat[r["method"]]
+                ax.axhline(100 * score(r, key)["value"], color=color, lw=0.8, ls="--", label=label)
+        ax.set_xticks([2, 3, 4])
+        ax.set_xlabel(f"bits per weight code (group size {group_size})")
+        ax.set_ylabel("accuracy, %")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(str(path), dpi=120)
+    plt.close(fig)
+
+
+def results_markdown(summary: dict, command: str, notes: str = "") -> str:
+    """The whole ``RESULTS.md``: setting, command, machine, table, verdicts, notes."""
+    rows, b, m = summary["rows"], summary["budget_settings"], summary["machine"]
+    hours = summary.get("seconds_total", 0) / 3600
+    parts = [
+        "# Results: the paper's Table 1 on the embedded model",
+        "",
+        f"Budget **{summary['budget']}**: {b['steps']} training steps per tuned row (batch {b['batch_size']} × "
+        f"{b['max_seq_len']} tokens, rank {b['rank']}, alpha {b['alpha']}, lr {b['lr']}, seed {b['seed']}, same "
+        f"data for all), GPTQ with {b['calib_samples']} calibration sequences, "
+        f"{b['choice_limit'] or 'all'} items per commonsense task, MMLU {b['mmlu_limit'] or 'all'} items 0-shot "
+        f"and {b['mmlu5_limit'] or 'all'} 5-shot (spread over the 57 subjects), perplexity on "
+        f"{b['ppl_windows']} × 512 tokens of LAMBADA passages. Model: {summary['model']}.",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {m['processor']}, {m['cpus']} CPUs ({m['torch_threads']} torch threads), "
+        f"torch {m['torch']}, GPU: {m['cuda'] or 'none'}. Build + evaluation time of all rows: {hours:.1f} h.",
+        "",
+        "Accuracy in % ± standard error (binomial, over the items scored); the customary metric per task "
+        "(acc_norm for HellaSwag, ARC, PIQA, OpenBookQA; acc for WinoGrande, BoolQ, SIQA). Every row computes "
+        "in fp32 (quantized rows on the reference kernel). \"size\" is the 16-bit size for unquantized rows and "
+        "the qalora checkpoint file otherwise (embeddings and lm_head stay fp32 in it).",
+        "",
+        table(rows),
+        "",
+        "## QA-LoRA vs QLoRA w/ GPTQ",
+        "",
+        *verdicts(rows),
+        "",
+        "![accuracy vs bits](results.png)",
+    ]
+    if notes:
+        parts += ["", "## What these numbers do and do not show", "", notes.strip()]
+    return "\n".join(parts) + "\n"
+
+
+def write_docs(summary: dict, folder: str | os.PathLike, command: str, notes: str = "") -> list[Path]:
+    """``RESULTS.md``, ``results.json`` and ``results.png`` into ``folder`` (each written atomically)."""
+    from qalora.io import write_json
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    md, js, png = folder / "RESULTS.md", folder / "results.json", folder / "results.png"
+    tmp = folder / ".results.png.tmp.png"
+    plot(summary["rows"], tmp)
+    os.replace(tmp, png)
+    write_json(js, summary)
+    tmp_md = folder / ".RESULTS.md.tmp"
+    tmp_md.write_text(results_markdown(summary, command, notes))
+    os.replace(tmp_md, md)
+    return [md, js, png]

@@ -1,0 +1,206 @@
+"""``qalora reproduce``: build every row of :mod:`qalora.reproduce.plan`, evaluate it, keep the
+results. Resumable: each finished row is a JSON file under ``out/rows/``, each intermediate
+artifact a folder the single commands would have written::
+
+    out/plan.json                  budget + model (a rerun must ask for the same)
+    out/bases/{rtn,gptq}-intB-gG/  qalora quantize
+    out/adapters/{lora,qlora,qalora-intB-gG}/   qalora train
+    out/models/{qlora+rtn,qlora+gptq,qalora}-intB-gG/   qalora merge [--requantize]
+    out/rows/<row id>.json         the row's figures
+    out/results.json               all rows + machine + timings
+
+Quantized rows are evaluated on the reference kernel (fp32 compute) so every row of the table
+computes in fp32 and differences come from the weights alone.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from qalora.config import LoraConfig, QuantConfig, TrainConfig
+from qalora.errors import QaloraError
+from qalora.io import read_json, write_json
+from qalora.reproduce.plan import COMMONSENSE, EXTRA_CHOICE, Budget, Row, budget as get_budget, plan_rows
+
+
+def _say(msg: str, progress: bool) -> None:
+    if progress:
+        print(f"[qalora reproduce] {msg}", flush=True)
+
+
+class Workspace:
+    """Paths and cached stages of one reproduce run rooted at ``root``."""
+
+    def __init__(self, root: Path, model: str, b: Budget, progress: bool):
+        self.root, self.model, self.b, self.progress = root, model, b, progress
+        from qalora.default_model import resolve_model
+
+        self.fp_folder = resolve_model(model)
+
+    # --- stages --------------------------------------------------------------------------------
+    def base(self, method: str, bits: int, group: int) -> Path:
+        from qalora.api import quantize
+
+        path = self.root / "bases" / f"{method}-int{bits}-g{group}"
+        if not (path / "qalora.json").is_file():
+            _say(f"quantize {path.name}", self.progress)
+            path.parent.mkdir(exist_ok=True)
+            quantize(self.fp_folder, path, QuantConfig(bits=bits, group_size=group, method=method,
+                                                       calib_samples=self.b.calib_samples), progress=self.progress)
+        return path
+
+    def adapter(self, method: str, base: Path, name: str) -> tuple[Path, dict]:
+        from qalora.adapter_files import ADAPTER_CONFIG, read_adapter_config
+        from qalora.training.loop import RUN_FILE, train
+
+        path = self.root / "adapters" / name
+        if not (path / ADAPTER_CONFIG).is_file():
+            b = self.b
+            cfg = TrainConfig(method=method, steps=b.steps, batch_size=b.batch_size, max_seq_len=b.max_seq_len,
+                              lr=b.lr, seed=b.seed, eval_every=b.steps, save_every=max(1, b.steps // 4))
+            _say(f"train {name} ({method}, {b.steps} steps)", self.progress)
+            path.parent.mkdir(exist_ok=True)
+            train(base, path, cfg, LoraConfig(rank=b.rank, alpha=b.alpha), resume=(path / RUN_FILE).is_file(),
+                  progress=self.progress)
+        return path, read_adapter_config(path)
+
+    def merged(self, row: Row) -> tuple[Path, dict, dict]:
+        """``(checkpoint, merge report, adapter config)`` of a qalora / qlora+X row."""
+        from qalora.merging import REPORT_FILE, merge
+        from qalora.requantize import requantize
+
+        path = self.root / "models" / row.id
+        if row.method == "qalora":
+            adir, acfg = self.adapter("qalora", self.base("gptq", row.bits, row.group_size), row.id)
+        else:
+            adir, acfg = self.adapter("qlora", self.fp_folder, "qlora")
+        if not (path / REPORT_FILE).is_file():
+            path.parent.mkdir(exist_ok=True)
+            _say(f"merge {row.id}", self.progress)
+            if row.method == "qalora":
+                merge(self.base("gptq", row.bits, row.group_size), adir, path, progress=self.progress)
+            else:
+                config = QuantConfig(bits=row.bits, group_size=row.group_size, method=row.method.split("+")[1],
+                                     calib_samples=self.b.calib_samples)
+                requantize(self.fp_folder, adir, path, config, progress=self.progress)
+        return path, read_json(path / REPORT_FILE, "merge report"), acfg
+
+    # --- rows ----------------------------------------------------------------------------------
+    def build(self, row: Row) -> tuple[torch.nn.Module, object, dict]:
+        """``(model, tokenizer, facts)`` of a row, ready to evaluate (eval mode, fp32 compute)."""
+        from qalora.adapter_files import load_adapted
+        from qalora.checkpoint import load
+        from qalora.models import load_fp_model, load_tokenizer
+        from qalora.requantize import merge_dense
+
+        if row.method == "base":
+            model, tok, _ = load_fp_model(self.fp_folder)
+            return model, tok, {"size_bytes": 2 * _n_params(model), "size_note": "16-bit"}
+        if row.method in ("lora", "qlora"):
+            adir, acfg = self.adapter(row.method, self.fp_folder, row.method)
+            adapted, tok, _ = load_adapted(self.fp_folder, adir)
+            dense, _ = merge_dense(adapted)
+            del adapted
+            return dense.eval(), tok, {**_train_facts(acfg), "size_bytes": 2 * _n_params(dense),
+                                       "size_note": "16-bit"}
+        if row.method in ("rtn", "gptq"):
+            path = self.base(row.method, row.bits, row.group_size)
+            facts = {}
+        else:
+            path, report, acfg = self.merged(row)
+            facts = {**_train_facts(acfg), **_merge_facts(report)}
+        facts["size_bytes"] = (path / "model.safetensors").stat().st_size
+        facts["size_note"] = "qalora checkpoint"
+        return load(path, kernel="reference"), load_tokenizer(path), facts
+
+    def evaluate(self, model, tok) -> dict:
+        from qalora.api import evaluate
+
+        b, p = self.b, self.progress
+        common = dict(tokenizer=tok, batch_size=b.eval_batch_size, seed=b.seed, progress=p)
+        tasks = list(COMMONSENSE) + list(EXTRA_CHOICE) + ["commonsense"]
+        out = evaluate(model, tasks, limit=b.choice_limit, **common)["results"]
+        out["mmlu_0shot"] = evaluate(model, ["mmlu"], shots=0, limit=b.mmlu_limit, **common)["results"]["mmlu"]
+        out["mmlu_5shot"] = evaluate(model, ["mmlu"], shots=5, limit=b.mmlu5_limit, **common)["results"]["mmlu"]
+        out["perplexity"] = evaluate(model, ["perplexity"], windows=b.ppl_windows, **common)["results"]["perplexity"]
+        return out
+
+    def row(self, row: Row) -> dict:
+        path = self.root / "rows" / f"{row.id}.json"
+        if path.is_file():
+            return read_json(path, "row result")
+        t0 = time.time()
+        model, tok, facts = self.build(row)
+        t1 = time.time()
+        _say(f"evaluate {row.id}", self.progress)
+        results = self.evaluate(model, tok)
+        del model
+        gc.collect()
+        rec = {"id": row.id, "label": row.label, "method": row.method, "bits": row.bits,
+               "group_size": row.group_size, **facts, "results": results,
+               "build_seconds": round(t1 - t0, 1), "eval_seconds": round(time.time() - t1, 1)}
+        path.parent.mkdir(exist_ok=True)
+        write_json(path, rec)
+        return rec
+
+
+def _n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _train_facts(acfg: dict) -> dict:
+    return {"trainable_parameters": acfg["trainable_parameters"], "train_steps": acfg["steps"],
+            "train_seconds": round(acfg["seconds_per_step"] * acfg["steps"], 1),
+            "val_loss_start": acfg.get("val_loss_start"), "val_loss_end": acfg.get("val_loss_end")}
+
+
+def _merge_facts(report: dict) -> dict:
+    ref = report.get("reference") or {}
+    return {"merge": {"lossy": bool(report.get("lossy")), "fp32_max_abs_logit_diff": ref.get("max_abs_logit_diff"),
+                      "fp64_max_abs_logit_diff": report.get("fp64_max_abs_logit_diff"),
+                      "top1_agreement": ref.get("top1_agreement")}}
+
+
+def machine() -> dict:
+    """What ran the table."""
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def reproduce(out: str | os.PathLike = "qalora-reproduce", budget: str = "small", model: str = "default", *,
+              rows: list[Row] | None = None, progress: bool = True) -> dict:
+    """Run (or resume) every row under ``out``; returns and writes ``out/results.json``."""
+    b = get_budget(budget)
+    root = Path(out).expanduser()
+    if root.exists() and not root.is_dir():
+        raise QaloraError(f"--out {str(root)!r} exists and is not a folder")
+    if not root.parent.is_dir():
+        raise QaloraError(f"the parent folder of --out {str(root)!r} does not exist")
+    root.mkdir(exist_ok=True)
+    plan = {"budget": b.name, "model": str(model), "budget_settings": {k: v for k, v in vars(b).items()}}
+    if (root / "plan.json").is_file():
+        recorded = read_json(root / "plan.json", "reproduce plan")
+        if recorded != plan:
+            raise QaloraError(f"{str(root)!r} holds a run with budget {recorded.get('budget')!r} on "
+                              f"{recorded.get('model')!r}; use another --out for budget {b.name!r} on {model!r}")
+    else:
+        write_json(root / "plan.json", plan)
+    ws = Workspace(root, model, b, progress)
+    rows = rows if rows is not None else plan_rows()
+    t0 = time.time()
+    done = []
+    for i, row in enumerate(rows, 1):
+        _say(f"row {i}/{len(rows)}: {row.label}", progress)
+        done.append(ws.row(row))
+    summary = {**plan, "machine": machine(), "rows": done,
+               "seconds_this_call": round(time.time() - t0, 1),
+               "seconds_total": round(sum(r["build_seconds"] + r["eval_seconds"] for r in done), 1)}
+    write_json(root / "results.json", summary)
+    return summary

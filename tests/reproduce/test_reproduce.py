@@ -1,0 +1,80 @@
+"""qalora reproduce on a tiny Llama with the smoke budget: every kind of row is built,
+evaluated on the packaged tasks, cached for resume, and written up."""
+
+import json
+
+import pytest
+
+from conftest import tiny_llama, tiny_tokenizer
+from qalora.errors import QaloraError
+from qalora.reproduce import Row, plan_rows, reproduce, write_docs
+from qalora.reproduce.plan import budget
+from qalora.reproduce.report import compare, results_markdown, table, verdicts
+
+ROWS = [Row("base"), Row("lora"), Row("qlora"), Row("rtn", 2, 32), Row("gptq", 2, 32), Row("qlora+rtn", 2, 32),
+        Row("qlora+gptq", 2, 32), Row("qalora", 2, 32)]
+
+
+def test_plan_has_every_row_of_the_paper_table():
+    ids = [r.id for r in plan_rows()]
+    for expected in ("base", "lora", "qlora", "rtn-int4-g32", "gptq-int2-g32", "qlora+gptq-int3-g32",
+                     "qlora+rtn-int2-g32", "qalora-int4-g32", "qalora-int3-g64", "gptq-int3-g64", "qlora+gptq-int3-g64"):
+        assert expected in ids
+    assert len(ids) == len(set(ids)) and "rtn-int3-g64" not in ids
+    with pytest.raises(QaloraError, match="budget 'huge' is unknown"):
+        budget("huge")
+
+
+def test_compare_verdicts():
+    assert compare({"value": 0.6, "stderr": 0.01}, {"value": 0.5, "stderr": 0.01})[2] == "beat"
+    assert compare({"value": 0.5, "stderr": 0.05}, {"value": 0.52, "stderr": 0.05})[2].startswith("showed no")
+    diff, se, v = compare({"value": 0.3, "stderr": 0.03}, {"value": 0.5, "stderr": 0.04})
+    assert v == "lost to" and abs(diff + 0.2) < 1e-12 and abs(se - 0.05) < 1e-12
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("repro")
+    tiny_llama(0).save_pretrained(root / "fp")
+    tiny_tokenizer().save_pretrained(root / "fp")
+    summary = reproduce(root / "out", "smoke", str(root / "fp"), rows=ROWS, progress=False)
+    return root, summary
+
+
+def test_every_row_is_built_and_evaluated(run):
+    root, summary = run
+    rows = {r["id"]: r for r in summary["rows"]}
+    assert list(rows) == [r.id for r in ROWS]
+    for r in rows.values():
+        res = r["results"]
+        for task in ("hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge", "boolq", "openbookqa", "siqa"):
+            assert res[task]["n"] == 4
+        assert res["mmlu_0shot"]["acc"]["n"] == 4 and res["mmlu_5shot"]["acc"]["n"] == 2
+        assert res["perplexity"]["n_windows"] == 1 and r["size_bytes"] > 0
+    assert rows["qalora-int2-g32"]["merge"]["fp64_max_abs_logit_diff"] <= 1e-4
+    assert rows["qlora+gptq-int2-g32"]["merge"]["lossy"] is True
+    assert rows["lora"]["trainable_parameters"] == rows["qlora"]["trainable_parameters"]
+    assert rows["qalora-int2-g32"]["trainable_parameters"] < rows["qlora"]["trainable_parameters"]
+    assert rows["rtn-int2-g32"]["size_bytes"] < rows["base"]["size_bytes"]
+    assert json.loads((root / "out" / "results.json").read_text())["rows"] == summary["rows"]
+
+
+def test_rerun_resumes_and_refuses_another_budget(run):
+    root, summary = run
+    row_file = root / "out" / "rows" / "gptq-int2-g32.json"
+    before = row_file.stat().st_mtime_ns
+    again = reproduce(root / "out", "smoke", str(root / "fp"), rows=ROWS, progress=False)
+    assert row_file.stat().st_mtime_ns == before and again["rows"] == summary["rows"]
+    with pytest.raises(QaloraError, match="budget 'smoke'"):
+        reproduce(root / "out", "small", str(root / "fp"), rows=ROWS, progress=False)
+
+
+def test_docs_are_written(run, tmp_path):
+    _, summary = run
+    paths = write_docs(summary, tmp_path / "docs", "qalora reproduce --budget smoke", notes="Smoke run.")
+    md = (tmp_path / "docs" / "RESULTS.md").read_text()
+    assert [p.name for p in paths] == ["RESULTS.md", "results.json", "results.png"]
+    assert (tmp_path / "docs" / "results.png").read_bytes()[:4] == b"\x89PNG"
+    assert "QA-LoRA (merged) INT2 g32" in md and "Budget **smoke**" in md and "Smoke run." in md
+    assert len(verdicts(summary["rows"])) == 3 and table(summary["rows"]).count("\n") == len(ROWS) + 1
+    assert results_markdown(summary, "cmd").count("| ") > len(ROWS)
