@@ -86,3 +86,31 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat: bool
         out = model.generate(ids, max_new_tokens=max_new_tokens, streamer=streamer,
                              pad_token_id=tokenizer.eos_token_id, **options)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def evaluate(model="default", tasks=("perplexity",), *, tokenizer=None, adapter: str | os.PathLike | None = None,
+             kernel: str = "auto", device: str = "cpu", progress: bool = True, **options) -> dict:
+    """Evaluate ``model`` on ``tasks`` (``"mmlu"``, ``"hellaswag"``, …, ``"commonsense"``,
+    ``"perplexity"``; see ``qalora.eval.tasks.registry()``) and return the results dict.
+
+    ``model`` is a path (qalora checkpoint, HF folder, ``"default"``; with ``adapter`` attached
+    unmerged) or an already loaded model, then with its ``tokenizer``. ``options`` are those of
+    ``qalora.eval.evaluate.EvalOptions``: ``shots``, ``limit``, ``seed``, ``subset``,
+    ``batch_size``, ``max_length``, ``seq_len``, ``windows``. Options, task names and the model
+    folder's tokenizer are checked before any weights load.
+    """
+    from qalora.eval.evaluate import EvalOptions, evaluate as run_tasks, require_tokenizer
+    from qalora.eval.tasks import resolve_tasks
+
+    EvalOptions(**options)
+    resolve_tasks(tasks)
+    label = None
+    if isinstance(model, torch.nn.Module):
+        if tokenizer is None:
+            raise QaloraError("evaluate(model) with a loaded model needs its tokenizer= as well")
+    else:
+        label = str(model)
+        require_tokenizer(model)
+        model, tokenizer = load_model_and_tokenizer(model, kernel=kernel, device=device, adapter=adapter)
+    report = run_tasks(model, tokenizer, tasks, progress=progress, **options)
+    return {"model": label, "adapter": None if adapter is None else str(adapter), **report}
