@@ -54,8 +54,8 @@ class Budget:
 
 BUDGETS = {
     # about two hours on 2 CPU cores (see docs/RESULTS.md for the measured time)
-    "small": Budget("small", steps=100, calib_samples=32, choice_limit=100, mmlu_limit=228, mmlu5_limit=57,
-                    ppl_windows=8),
+    "small": Budget("small", steps=100, calib_samples=32, choice_limit=80, mmlu_limit=114, mmlu5_limit=57,
+                    ppl_windows=4),
     # a GPU: every item, longer training
     "full": Budget("full", steps=1000, calib_samples=128, choice_limit=None, mmlu_limit=None, mmlu5_limit=None,
                    ppl_windows=64, eval_batch_size=32, batch_size=16),
