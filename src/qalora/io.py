@@ -51,6 +51,18 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def work_dir(out: str | os.PathLike) -> Path:
+    """The folder of a resumable multi-stage run (``--out``): created when missing (its parent
+    must exist), reused when present; a file in the way is refused."""
+    root = Path(out).expanduser()
+    if root.exists() and not root.is_dir():
+        raise QaloraError(f"--out {str(root)!r} exists and is not a folder")
+    if not root.parent.is_dir():
+        raise QaloraError(f"the parent folder of --out {str(root)!r} does not exist")
+    root.mkdir(exist_ok=True)
+    return root
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
     """Write ``obj`` as JSON to ``path`` atomically (a temporary sibling renamed over it), so a
     reader never sees half a file."""

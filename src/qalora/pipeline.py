@@ -25,7 +25,7 @@ import torch
 
 from qalora.config import LoraConfig, QuantConfig, TrainConfig
 from qalora.errors import QaloraError
-from qalora.io import read_json, sha256_file, write_json
+from qalora.io import read_json, sha256_file, work_dir, write_json
 
 SUMMARY_FILE = "pipeline.json"
 SPEED_PROMPT = "Write a short paragraph about why the sky is blue."
@@ -175,12 +175,7 @@ def pipeline(model: str | os.PathLike | None = "default", out: str | os.PathLike
         raise QaloraError(f"the pipeline trains QA-LoRA (its adapters merge exactly); got method {train_cfg.method!r}")
     if isinstance(speed_tokens, bool) or not isinstance(speed_tokens, int) or speed_tokens < 1:
         raise QaloraError(f"speed_tokens must be an integer >= 1, got {speed_tokens!r}")
-    root = Path(out).expanduser()
-    if root.exists() and not root.is_dir():
-        raise QaloraError(f"--out {str(root)!r} exists and is not a folder")
-    if not root.parent.is_dir():
-        raise QaloraError(f"the parent folder of --out {str(root)!r} does not exist")
-    root.mkdir(exist_ok=True)
+    root = work_dir(out)
     paths = PipelinePaths(root)
 
     times: dict[str, float] = {}

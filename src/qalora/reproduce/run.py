@@ -25,7 +25,7 @@ import torch
 
 from qalora.config import LoraConfig, QuantConfig, TrainConfig
 from qalora.errors import QaloraError
-from qalora.io import read_json, write_json
+from qalora.io import read_json, work_dir, write_json
 from qalora.reproduce.plan import COMMONSENSE, EXTRA_CHOICE, Budget, Row, budget as get_budget, plan_rows
 
 
@@ -178,12 +178,7 @@ def reproduce(out: str | os.PathLike = "qalora-reproduce", budget: str = "small"
               rows: list[Row] | None = None, progress: bool = True) -> dict:
     """Run (or resume) every row under ``out``; returns and writes ``out/results.json``."""
     b = get_budget(budget)
-    root = Path(out).expanduser()
-    if root.exists() and not root.is_dir():
-        raise QaloraError(f"--out {str(root)!r} exists and is not a folder")
-    if not root.parent.is_dir():
-        raise QaloraError(f"the parent folder of --out {str(root)!r} does not exist")
-    root.mkdir(exist_ok=True)
+    root = work_dir(out)
     plan = {"budget": b.name, "model": str(model), "budget_settings": {k: v for k, v in vars(b).items()}}
     if (root / "plan.json").is_file():
         recorded = read_json(root / "plan.json", "reproduce plan")
