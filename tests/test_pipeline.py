@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from conftest import tiny_llama, tiny_tokenizer
 from qalora.cli import main

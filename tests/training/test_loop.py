@@ -1,7 +1,6 @@
 """The trainer end to end on a tiny random Llama: every method, exact resume, bad input."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
