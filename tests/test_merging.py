@@ -272,6 +272,18 @@ def test_weight_error_is_half_an_ulp_and_catches_a_wrong_merge():
     assert layer_weight_error(layer, wrong)[1] > 1.0
 
 
+def test_storage_floor_leaves_the_model_as_it_was():
+    from qalora.merge_verify import fp64_checks
+
+    model = adapted_tiny(3)[1]
+    merged = shared_copy(model)
+    merge_model_inplace(merged)
+    before = {k: v.clone() for k, v in merged.state_dict().items()}
+    fp64_checks(model, merged, tiny_tokenizer())
+    after = merged.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+
+
 def test_float64_block_restores_every_tensor_bit_for_bit():
     from qalora.merge_verify import float64
 
@@ -292,6 +304,8 @@ def test_noise_floor_and_fp64_diff_are_small_but_measured():
     out = fp64_checks(model, merged, tiny_tokenizer())
     assert 0 < out["fp32_noise_floor"] < 1e-4           # fp32 vs fp64 of one tiny model
     assert 0 <= out["fp64_max_abs_logit_diff"] < 1e-5   # only the fp32 storage of offset'
+    assert 0 < out["fp32_storage_floor"] < 1e-5          # random sub-ulp moves of the offsets
+    assert out["fp64_max_abs_logit_diff"] <= 4 * out["fp32_storage_floor"]
     assert auto_tolerance(None) == 1e-4 and auto_tolerance(1e-3) == 4e-3 and auto_tolerance(1e-6) == 1e-4
     assert auto_tolerance(None, 1e-3) == 1e-3 and auto_tolerance(1e-3, 1e-2) == 1e-2
 
@@ -300,7 +314,8 @@ def test_merge_report_has_the_fp64_figures(files):
     merge(files / "q4", files / "adapter", files / "merged_fp64", progress=False)
     report = json.loads((files / "merged_fp64" / REPORT_FILE).read_text())
     assert report["weights"]["max_weight_err_ulps"] <= 0.5 + 1e-6
-    assert report["tolerance"] == 1e-4 and report["fp32_tolerance"] >= 1e-4
+    assert report["tolerance"] == 1e-4 and report["fp32_tolerance"] >= 1e-4 and report["fp64_tolerance"] >= 1e-4
+    assert report["fp32_storage_floor"] > 0
     assert report["fp32_noise_floor"] > 0 and report["fp64_max_abs_logit_diff"] < 1e-5
 
 
@@ -318,7 +333,8 @@ def test_merge_refuses_offsets_that_are_not_the_exact_sum(files, monkeypatch):
 def test_merge_error_beyond_tolerance_in_fp64_writes_nothing(files, monkeypatch):
     import qalora.merging as merge_mod
 
-    monkeypatch.setattr(merge_mod, "fp64_checks", lambda *a: {"fp32_noise_floor": 1e-6, "fp64_max_abs_logit_diff": 2e-4})
+    monkeypatch.setattr(merge_mod, "fp64_checks", lambda *a: {"fp32_noise_floor": 1e-6, "fp64_max_abs_logit_diff": 2e-4,
+                                                          "fp32_storage_floor": 1e-6})
     out = files / "drifted64"
     with pytest.raises(QaloraError, match=r"2.00e-04 \(fp64\) exceeds the tolerance 0.0001"):
         merge(files / "q4", files / "adapter", out, progress=False)

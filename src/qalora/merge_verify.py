@@ -11,6 +11,9 @@ Three measurements, all on the same fixed prompts:
   An exact merge leaves only the rounding of ``offset'`` to fp32: ``err <= 0.5`` ulp.
 * **logits** — ``compare_logits`` on the fp32 reference kernel (the exactness figure) and on
   the int4 bf16 kernel (what runtimes execute).
+* **fp32 storage floor** — how far the merged model's fp64 logits move when every offset moves
+  by a random fraction of its fp32 ulp: the resolution of fp32-stored offsets on this model.
+  The fp64 merge error is held to ``max(tolerance, FLOOR_FACTOR * storage floor)``.
 * **fp32 noise floor** — max |logits_fp32 - logits_fp64| of the *unmerged* model: how far two
   fp32 evaluations of one function can drift on these prompts — on SmolLM2-135M about 1e-4, so
   an fp32 comparison cannot resolve a merge error below that. ``fp64_max_abs_logit_diff`` (both
@@ -162,10 +165,32 @@ def float64(*models: nn.Module):
             q.kernel = k
 
 
+@torch.no_grad()
+def _nudge_offsets(model: nn.Module, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Add ``u * ulp_fp32(offset)``, ``u ~ U(-1/2, 1/2)`` (seeded), to every ``QuantLinear``
+    offset of ``model`` in place (fp64 offsets: inside :func:`float64`); returns what to restore."""
+    g = torch.Generator().manual_seed(seed)
+    saved = []
+    for q in quant_layers(model).values():
+        off = q.offset
+        f32 = off.float().abs()
+        ulp = (torch.nextafter(f32, torch.full_like(f32, float("inf"))) - f32).to(off.dtype)
+        saved.append((off, off.detach().clone()))
+        off.add_((torch.rand(off.shape, generator=g, dtype=torch.float64).to(off.dtype) - 0.5) * ulp)
+    return saved
+
+
 def fp64_checks(unmerged: nn.Module, merged: nn.Module, tokenizer, prompts=DEFAULT_PROMPTS) -> dict:
-    """``{"fp32_noise_floor", "fp64_max_abs_logit_diff"}``: the unmerged model's fp32-vs-fp64
-    max |logit difference|, and merged vs unmerged with both computed in fp64 (what remains is
-    only the fp32 storage of the merged offsets). Costs an fp64 copy of the weights."""
+    """Three max |logit difference| figures over ``prompts``:
+
+    * ``fp32_noise_floor``: the unmerged model in fp32 vs fp64 (arithmetic noise);
+    * ``fp64_max_abs_logit_diff``: merged vs unmerged, both in fp64 — the merge's own error,
+      i.e. what rounding the merged offsets to fp32 did;
+    * ``fp32_storage_floor``: the merged model in fp64 vs itself with every offset moved by a
+      random fraction (-1/2 … 1/2) of its fp32 ulp — how much the logits move under changes no
+      fp32-stored offset can resolve. A merge that rounds each offset once sits at this level.
+
+    Costs an fp64 copy of the weights."""
     modes = [(m, m.training) for m in (unmerged, merged)]
     saved = [(q, q.kernel) for q in quant_layers(unmerged).values()]
     try:
@@ -175,13 +200,20 @@ def fp64_checks(unmerged: nn.Module, merged: nn.Module, tokenizer, prompts=DEFAU
         with float64(unmerged, merged):
             a = _prompt_logits(unmerged, tokenizer, prompts, torch.float64)
             b = _prompt_logits(merged, tokenizer, prompts, torch.float64)
+            restore = _nudge_offsets(merged)
+            try:
+                c = _prompt_logits(merged, tokenizer, prompts, torch.float64)
+            finally:
+                for t, v in restore:
+                    t.copy_(v)
     finally:
         for q, k in saved:
             q.kernel = k
         for m, training in modes:
             m.train(training)
     return {"fp32_noise_floor": float((fp32.double() - a).abs().max()),
-            "fp64_max_abs_logit_diff": float((a - b).abs().max())}
+            "fp64_max_abs_logit_diff": float((a - b).abs().max()),
+            "fp32_storage_floor": float((c - b).abs().max())}
 
 
 def auto_tolerance(noise_floor: float | None, tolerance: float = MIN_TOLERANCE) -> float:

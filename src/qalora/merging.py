@@ -162,11 +162,13 @@ def merge(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out: str
     (``qalora.merge_verify``): every merged weight must equal the adapted layer's effective
     weight within half an ulp of its fp32 offset (fp64 check); the max |logit difference| with
     both models computed in fp64 — the merge's own error, free of arithmetic noise — must not
-    exceed ``tolerance`` (default 1e-4); and the fp32 (reference kernel) figure must not exceed
-    ``max(tolerance, 4 x fp32 noise floor)``, the floor being the unmerged model's own fp32-vs-fp64
-    drift on the same prompts. ``noise_floor=False`` skips the fp64 runs (they need an fp64 copy
-    of the weights) and holds the fp32 figure to ``tolerance``. On failure nothing is written and
-    a ``QaloraError`` is raised. Returns the merge report.
+    exceed ``max(tolerance, 4 x fp32 storage floor)`` (the logit movement of the merged model when
+    its offsets move by random sub-ulp amounts: what fp32 offsets cannot resolve); and the fp32
+    (reference kernel) figure must not exceed ``max(tolerance, 4 x fp32 noise floor)``, the floor
+    being the unmerged model's own fp32-vs-fp64 drift on the same prompts. ``tolerance`` defaults
+    to 1e-4. ``noise_floor=False`` skips the fp64 runs (they need an fp64 copy of the weights) and
+    holds the fp32 figure to ``tolerance``. On failure nothing is written and a ``QaloraError`` is
+    raised. Returns the merge report.
     """
     if tolerance is not None and not (isinstance(tolerance, (int, float)) and tolerance > 0):
         raise QaloraError(f"tolerance must be a positive number, got {tolerance!r}")
@@ -196,8 +198,10 @@ def merge(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out: str
     tolerance = MIN_TOLERANCE if tolerance is None else float(tolerance)
     fp32_tolerance = auto_tolerance(floors.get("fp32_noise_floor"), tolerance)
     checks = [("fp32", verification["reference"]["max_abs_logit_diff"], fp32_tolerance)]
+    fp64_tolerance = None
     if floors:
-        checks.append(("fp64", floors["fp64_max_abs_logit_diff"], tolerance))
+        fp64_tolerance = auto_tolerance(floors["fp32_storage_floor"], tolerance)
+        checks.append(("fp64", floors["fp64_max_abs_logit_diff"], fp64_tolerance))
     for dtype, worst, limit in checks:
         if not worst <= limit:  # also catches nan
             raise QaloraError(f"merge verification failed: max |logit difference| {worst:.2e} ({dtype}) exceeds the "
@@ -214,6 +218,7 @@ def merge(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out: str
                                   "rank": cfg["rank"], "alpha": cfg["alpha"], "targets": list(cfg["targets"]),
                                   "base_path": str(model_dir), "base_sha256": cfg["base_sha256"]}
     report = {**verification, "weights": weights, **floors, "tolerance": tolerance, "fp32_tolerance": fp32_tolerance,
+              "fp64_tolerance": fp64_tolerance,
               "layers_merged": len(names), "modules": names,
               "codes_and_scales_unchanged": True, "max_abs_offset_change": offset_change,
               "adapter": str(adir), "adapter_sha256": adapter_sha, "base": str(model_dir)}
@@ -225,7 +230,7 @@ def merge(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out: str
         i4 = verification.get("int4")
         i4_txt = f", int4 bf16 {i4['max_abs_logit_diff']:.2e}" if i4 else ""
         floor_txt = (f"; fp32 noise floor {floors['fp32_noise_floor']:.2e}; fp64 {floors['fp64_max_abs_logit_diff']:.2e},"
-                     f" allowed {tolerance:.2g}") if floors else ""
+                     f" allowed {fp64_tolerance:.2g} (storage floor {floors['fp32_storage_floor']:.2e})") if floors else ""
         print(f"qalora merge: {len(names)} adapters merged into {str(out)!r}; max |logit diff| fp32 {worst:.2e}"
               f"{i4_txt} (allowed {fp32_tolerance:.2g}{floor_txt}), weights within {weights['max_weight_err_ulps']:.2f} ulp, "
               f"top-1 agreement {verification['reference']['top1_agreement']:.1%}",

@@ -202,7 +202,8 @@ def pipeline(model: str | os.PathLike | None = "default", out: str | os.PathLike
         "val_loss_before": adapter["val_loss_start"], "val_loss_after": adapter["val_loss_end"],
         "seconds_per_step": adapter["seconds_per_step"],
         "merge": {k: report.get(k) for k in ("reference", "int4", "weights", "fp32_noise_floor",
-                                             "fp64_max_abs_logit_diff", "tolerance", "fp32_tolerance")},
+                                             "fp64_max_abs_logit_diff", "fp32_storage_floor", "tolerance",
+                                             "fp32_tolerance", "fp64_tolerance")},
         "speed": speed, "stage_seconds": times,
     }
     write_json(paths.summary, summary)
@@ -225,7 +226,9 @@ def format_table(s: dict) -> str:
         ("QA-LoRA", f"{s['trainable_parameters']:,} trainable parameters, {s['train_steps']} steps, "
                     f"{s['seconds_per_step']:.2f} s/step"),
         ("validation loss", f"{s['val_loss_before']:.4f} before tuning -> {s['val_loss_after']:.4f} after"),
-        ("merge error fp64", f"max |Δlogit| {m['fp64_max_abs_logit_diff']:.2e} (allowed {m['tolerance']:.0e}); "
+        ("merge error fp64", f"max |Δlogit| {m['fp64_max_abs_logit_diff']:.2e} (fp32 storage floor "
+                             f"{m.get('fp32_storage_floor') or float('nan'):.2e}, allowed "
+                             f"{m.get('fp64_tolerance') or m['tolerance']:.1e}); "
                              f"weights within {m['weights']['max_weight_err_ulps']:.2f} ulp"
          if m.get("fp64_max_abs_logit_diff") is not None else "not measured"),
         ("merge error fp32", f"max |Δlogit| {ref['max_abs_logit_diff']:.2e} (fp32 noise floor "
