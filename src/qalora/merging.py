@@ -152,6 +152,24 @@ def codes_and_scales_unchanged(merged: nn.Module, names: list[str], weights_file
     return True
 
 
+def merge_summary(n_layers: int, out, report: dict) -> str:
+    """The lines ``qalora merge`` prints: what was merged and each check against its limit."""
+    ref, i4, w = report["reference"], report.get("int4"), report["weights"]
+    lines = [f"qalora merge: {n_layers} adapters merged into {str(out)!r}; codes and scales unchanged",
+             f"  {'weights fp64':<17}within {w['max_weight_err_ulps']:.2f} ulp of the adapted weights (limit 0.5)"]
+    if report.get("fp64_max_abs_logit_diff") is not None:
+        lines.append(f"  {'logits fp64':<17}max |diff| {report['fp64_max_abs_logit_diff']:.2e} (allowed "
+                     f"{report['fp64_tolerance']:.2e}; fp32 storage floor {report['fp32_storage_floor']:.2e})")
+    floor = report.get("fp32_noise_floor")
+    lines.append(f"  {'logits fp32':<17}max |diff| {ref['max_abs_logit_diff']:.2e} (allowed {report['fp32_tolerance']:.2e}"
+                 + (f"; fp32 noise floor {floor:.2e}" if floor is not None else "")
+                 + f"), top-1 agreement {ref['top1_agreement']:.1%}")
+    if i4:
+        lines.append(f"  {'logits int4 bf16':<17}max |diff| {i4['max_abs_logit_diff']:.2e}, mean {i4['mean_abs_logit_diff']:.2e}, "
+                     f"top-1 agreement {i4['top1_agreement']:.1%} (kernel rounding; not gated)")
+    return "\n".join(lines)
+
+
 def merge(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out: str | os.PathLike, *,
           tolerance: float | None = None, noise_floor: bool = True, prompts=DEFAULT_PROMPTS,
           progress: bool = True) -> dict:
@@ -227,12 +245,5 @@ def merge(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out: str
         write_checkpoint(merged, tokenizer, tmp, new_meta)
         write_json(tmp / REPORT_FILE, report)
     if progress:
-        i4 = verification.get("int4")
-        i4_txt = f", int4 bf16 {i4['max_abs_logit_diff']:.2e}" if i4 else ""
-        floor_txt = (f"; fp32 noise floor {floors['fp32_noise_floor']:.2e}; fp64 {floors['fp64_max_abs_logit_diff']:.2e},"
-                     f" allowed {fp64_tolerance:.2g} (storage floor {floors['fp32_storage_floor']:.2e})") if floors else ""
-        print(f"qalora merge: {len(names)} adapters merged into {str(out)!r}; max |logit diff| fp32 {worst:.2e}"
-              f"{i4_txt} (allowed {fp32_tolerance:.2g}{floor_txt}), weights within {weights['max_weight_err_ulps']:.2f} ulp, "
-              f"top-1 agreement {verification['reference']['top1_agreement']:.1%}",
-              flush=True)
+        print(merge_summary(len(names), out, report), flush=True)
     return report
