@@ -105,3 +105,19 @@ def test_fast_path_does_not_keep_a_dense_weight():
     state = layer._kernel_state["int4"][1]
     assert state["packed"].dtype == torch.uint8 and state["packed"].numel() == 64 * 128 // 2
     assert all(not (t.is_floating_point() and t.numel() >= 64 * 128) for t in state.values())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_dense_kernel_is_the_reference_bit_for_bit_and_follows_changes(bits):
+    layer, *_ = make_layer(48, 96, bits, 32, bias=True)
+    x = torch.randn(5, 96, generator=torch.Generator().manual_seed(1))
+    layer.kernel = "reference"
+    ref = layer(x)
+    layer.kernel = "dense"
+    assert torch.equal(layer(x), ref)
+    with torch.no_grad():
+        layer.offset.add_(0.25)  # the cached dense weight must be rebuilt
+    got = layer(x)
+    layer.kernel = "reference"
+    assert torch.equal(got, layer(x)) and not torch.equal(got, ref)
+    assert select_kernel(layer, torch.device("cpu"), 5).name != "dense"  # never chosen by auto

@@ -2,7 +2,8 @@
 
 Every kernel computes ``y = x W~^T`` for ``x [M, in]`` and the weight of a ``QuantLinear``
 and shares one signature (see ``registry.Kernel``). ``reference`` (unpack, dequantize, fp32
-GEMM) works for every width and group size; ``int4`` uses PyTorch's tinygemm int4 kernels.
+GEMM) works for every width and group size; ``int4`` uses PyTorch's tinygemm int4 kernels;
+``dense`` is ``reference`` with the dequantized weight cached (fast, 32 bits per weight).
 """
 
 from qalora.kernels.registry import KERNELS, Kernel, get_kernel, select_kernel

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from qalora.errors import QaloraError
-from qalora.kernels import int4, reference
+from qalora.kernels import dense, int4, reference
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,8 @@ class Kernel:
 KERNELS: list[Kernel] = [
     Kernel("int4", int4.int4_supports, int4.int4_prepare, int4.int4_matmul),
     Kernel("reference", reference.reference_supports, reference.reference_prepare, reference.reference_matmul),
+    # after reference, so "auto" never picks it: it holds a dense fp32 copy of the weight
+    Kernel("dense", dense.dense_supports, dense.dense_prepare, dense.dense_matmul),
 ]
 
 KERNEL_CHOICES = ("auto",) + tuple(k.name for k in KERNELS)

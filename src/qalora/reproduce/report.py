@@ -147,7 +147,7 @@ def results_markdown(summary: dict, command: str, notes: str = "") -> str:
         "",
         "Accuracy in % ± standard error (binomial, over the items scored); the customary metric per task "
         "(acc_norm for HellaSwag, ARC, PIQA, OpenBookQA; acc for WinoGrande, BoolQ, SIQA). Every row computes "
-        "in fp32 (quantized rows on the reference kernel). \"size\" is the 16-bit size for unquantized rows and "
+        "in fp32 (quantized rows on the dense kernel: fp32 dequantized weights, identical to the reference kernel). \"size\" is the 16-bit size for unquantized rows and "
         "the qalora checkpoint file otherwise (embeddings and lm_head stay fp32 in it).",
         "",
         table(rows),
