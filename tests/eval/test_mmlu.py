@@ -61,6 +61,8 @@ def test_summary_item_weighted_and_macro():
     assert s["subjects"]["anatomy"]["acc"]["value"] == 0.75 and s["subjects"]["virology"]["acc"]["n"] == 1
     assert s["acc"]["value"] == pytest.approx(4 / 7) and s["acc"]["n"] == 7
     assert s["acc_macro"]["value"] == pytest.approx((0.75 + 0 + 0.5) / 3)
-    assert s["acc"]["stderr"] is None  # virology has one item: no standard error
+    # pooled binomial stderr over all 7 items, defined although virology has a single item
+    assert s["acc"]["stderr"] == pytest.approx(((4 / 7) * (3 / 7) / 6) ** 0.5)
+    assert s["acc_macro"]["stderr"] is None  # the per-subject mean needs every subject's stderr
     assert set(s["categories"]) == {"stem", "other", "humanities"}
     assert s["categories"]["stem"]["acc"]["value"] == 0.75 and s["categories"]["stem"]["subjects"] == 1

@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 from qalora.eval.data import records, subfolders
-from qalora.eval.stats import Estimate, accuracy, average, item_weighted
+from qalora.eval.stats import Estimate, accuracy, average
 from qalora.eval.tasks import ChoiceItem, ChoiceSet, Selection, TaskSpec, select
 from qalora.errors import QaloraError
 
@@ -93,7 +93,8 @@ def load(shots: int, selection: Selection) -> ChoiceSet:
 
 
 def summarize(items: list[ChoiceItem], correct: list[bool]) -> dict[str, Any]:
-    """Per-subject, per-category and overall accuracy (``acc`` item-weighted, ``acc_macro`` the
+    """Per-subject, per-category and overall accuracy (``acc`` item-weighted = pooled over items, with the
+    pooled binomial stderr; ``acc_macro`` the
     mean over subjects present), each with standard error and item count."""
     by_subject: dict[str, list[bool]] = {}
     for item, ok in zip(items, correct):
@@ -103,10 +104,13 @@ def summarize(items: list[ChoiceItem], correct: list[bool]) -> dict[str, Any]:
     for category, subjects in CATEGORIES.items():
         parts = [subject_acc[s] for s in subjects if s in subject_acc]
         if parts:
-            categories[category] = {"acc": item_weighted(parts).to_dict(), "acc_macro": average(parts).to_dict(),
+            pooled = accuracy([ok for s in subjects if s in by_subject for ok in by_subject[s]])
+            categories[category] = {"acc": pooled.to_dict(), "acc_macro": average(parts).to_dict(),
                                     "subjects": len(parts)}
     parts = list(subject_acc.values())
-    overall: Estimate = item_weighted(parts)
+    # item-weighted mean = accuracy over the pooled items; its stderr is the pooled binomial one,
+    # defined even when subjects hold a single item (a --limit below 2 per subject)
+    overall: Estimate = accuracy(list(correct))
     return {"acc": overall.to_dict(), "acc_macro": average(parts).to_dict(), "categories": categories,
             "subjects": {s: {"category": CATEGORY_OF[s], "acc": e.to_dict()} for s, e in subject_acc.items()}}
 
