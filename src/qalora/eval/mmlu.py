@@ -93,9 +93,9 @@ def load(shots: int, selection: Selection) -> ChoiceSet:
 
 
 def summarize(items: list[ChoiceItem], correct: list[bool]) -> dict[str, Any]:
-    """Per-subject, per-category and overall accuracy (``acc`` item-weighted = pooled over items, with the
-    pooled binomial stderr; ``acc_macro`` the
-    mean over subjects present), each with standard error and item count."""
+    """Per-subject, per-category and overall accuracy, each with standard error and item count:
+    ``acc`` item-weighted (= pooled over items, pooled binomial stderr), ``acc_macro`` the mean
+    over the subjects present."""
     by_subject: dict[str, list[bool]] = {}
     for item, ok in zip(items, correct):
         by_subject.setdefault(item.group or "", []).append(ok)
