@@ -46,6 +46,30 @@ DEFAULT_PROMPTS = (
 VERIFY_KERNELS = {"reference": "fp32", "int4": "bf16"}
 
 
+@contextlib.contextmanager
+def on_kernel(kernel: str, *models: nn.Module):
+    """``models`` in eval mode with every ``QuantLinear`` on ``kernel`` inside the block; each
+    layer's kernel and each model's train/eval mode are restored afterwards."""
+    saved = [(q, q.kernel) for m in models for q in quant_layers(m).values()]
+    modes = [(m, m.training) for m in models]
+    try:
+        for m in models:
+            m.eval()
+            set_kernel(m, kernel)
+        yield
+    finally:
+        for q, k in saved:
+            q.kernel = k
+        for m, training in modes:
+            m.train(training)
+
+
+def fp32_ulp(t: torch.Tensor) -> torch.Tensor:
+    """Spacing of the fp32 numbers at ``|t|`` (``t`` rounded to fp32 first), as fp32."""
+    a = t.float().abs()
+    return torch.nextafter(a, torch.full_like(a, float("inf"))) - a
+
+
 @torch.no_grad()
 def _prompt_logits(model: nn.Module, tokenizer, prompts, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``[n_tokens, vocab]`` logits (in ``dtype``) of every prompt, run one by one without padding."""
@@ -78,20 +102,8 @@ def compare_logits(unmerged: nn.Module, merged: nn.Module, tokenizer, prompts=DE
         raise QaloraError(f"kernel {kernel!r} cannot verify a merge; use one of {', '.join(VERIFY_KERNELS)}")
     if not (_kernel_supported(unmerged, kernel) and _kernel_supported(merged, kernel)):
         return None
-    saved = [(m, m.kernel) for model in (unmerged, merged) for m in quant_layers(model).values()]
-    modes = [(model, model.training) for model in (unmerged, merged)]
-    try:
-        logits = []
-        for model in (unmerged, merged):
-            model.eval()
-            set_kernel(model, kernel)
-            logits.append(_prompt_logits(model, tokenizer, prompts))
-    finally:
-        for m, k in saved:
-            m.kernel = k
-        for model, training in modes:
-            model.train(training)
-    a, b = logits
+    with on_kernel(kernel, unmerged, merged):
+        a, b = (_prompt_logits(model, tokenizer, prompts) for model in (unmerged, merged))
     diff = (a - b).abs()
     return {"max_abs_logit_diff": float(diff.max()), "mean_abs_logit_diff": float(diff.mean()),
             "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).float().mean()), "n_tokens": int(a.shape[0]),
@@ -127,8 +139,7 @@ def layer_weight_error(adapted: QALoRALinear, merged: QuantLinear) -> tuple[floa
     delta = (adapted.lora_B.weight.double() @ adapted.lora_A.weight.double()) * adapted.scaling / L  # [out, G]
     w_eff = base.dequantized_weight(torch.float64) + delta.repeat_interleave(L, dim=1)               # [out, in]
     err = (merged.dequantized_weight(torch.float64) - w_eff).abs()                                   # [out, in]
-    off = merged.offset.float().abs()
-    ulp = (torch.nextafter(off, torch.full_like(off, float("inf"))) - off).double()                   # [out, G]
+    ulp = fp32_ulp(merged.offset).double()                                                           # [out, G]
     ulps = err / ulp.repeat_interleave(L, dim=1)
     return float(err.max()), float(ulps.max())
 
@@ -151,18 +162,14 @@ def float64(*models: nn.Module):
     own dtype afterwards (exact: fp32 -> fp64 -> fp32 round-trips); reference kernel inside."""
     tensors = {id(t): t for m in models for t in list(m.parameters()) + list(m.buffers()) if t.is_floating_point()}
     dtypes = {k: t.dtype for k, t in tensors.items()}
-    saved = [(q, q.kernel) for m in models for q in quant_layers(m).values()]
     try:
         for t in tensors.values():
             t.data = t.data.to(torch.float64)
-        for m in models:
-            set_kernel(m, "reference")
-        yield
+        with on_kernel("reference", *models):
+            yield
     finally:
         for k, t in tensors.items():
             t.data = t.data.to(dtypes[k])
-        for q, k in saved:
-            q.kernel = k
 
 
 @torch.no_grad()
@@ -173,8 +180,7 @@ def _nudge_offsets(model: nn.Module, seed: int = 0) -> list[tuple[torch.Tensor, 
     saved = []
     for q in quant_layers(model).values():
         off = q.offset
-        f32 = off.float().abs()
-        ulp = (torch.nextafter(f32, torch.full_like(f32, float("inf"))) - f32).to(off.dtype)
+        ulp = fp32_ulp(off).to(off.dtype)
         saved.append((off, off.detach().clone()))
         off.add_((torch.rand(off.shape, generator=g, dtype=torch.float64).to(off.dtype) - 0.5) * ulp)
     return saved
@@ -191,11 +197,7 @@ def fp64_checks(unmerged: nn.Module, merged: nn.Module, tokenizer, prompts=DEFAU
       fp32-stored offset can resolve. A merge that rounds each offset once sits at this level.
 
     Costs an fp64 copy of the weights."""
-    modes = [(m, m.training) for m in (unmerged, merged)]
-    saved = [(q, q.kernel) for q in quant_layers(unmerged).values()]
-    try:
-        unmerged.eval(), merged.eval()
-        set_kernel(unmerged, "reference")
+    with on_kernel("reference", unmerged, merged):
         fp32 = _prompt_logits(unmerged, tokenizer, prompts)
         with float64(unmerged, merged):
             a = _prompt_logits(unmerged, tokenizer, prompts, torch.float64)
@@ -206,11 +208,6 @@ def fp64_checks(unmerged: nn.Module, merged: nn.Module, tokenizer, prompts=DEFAU
             finally:
                 for t, v in restore:
                     t.copy_(v)
-    finally:
-        for q, k in saved:
-            q.kernel = k
-        for m, training in modes:
-            m.train(training)
     return {"fp32_noise_floor": float((fp32.double() - a).abs().max()),
             "fp64_max_abs_logit_diff": float((a - b).abs().max()),
             "fp32_storage_floor": float((c - b).abs().max())}

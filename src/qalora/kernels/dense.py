@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from qalora.kernels.reference import dequantized_weight
+from qalora.kernels.reference import dequantized_weight, reference_matmul
 
 
 def dense_supports(module, device: torch.device) -> bool:
@@ -25,6 +25,6 @@ def dense_prepare(module, device: torch.device) -> dict:
 
 def dense_matmul(x: torch.Tensor, module, state: dict) -> torch.Tensor:
     """``x [M, in]`` → ``[M, out]`` in ``x.dtype``, computed in fp32 (fp64 for fp64 ``x``)."""
-    if x.dtype == torch.float64:
-        return (x @ dequantized_weight(module, torch.float64).t())
+    if x.dtype == torch.float64:  # the cached weight is fp32: go the reference way
+        return reference_matmul(x, module, state)
     return (x.float() @ state["w"].t()).to(x.dtype)
