@@ -9,7 +9,7 @@ from conftest import tiny_llama, tiny_tokenizer
 from qalora.errors import QaloraError
 from qalora.reproduce import Row, plan_rows, reproduce, write_docs
 from qalora.reproduce.plan import budget
-from qalora.reproduce.report import compare, results_markdown, table, verdicts
+from qalora.reproduce.report import compare, results_markdown, same_as_base, table, verdicts
 
 ROWS = [Row("base"), Row("lora"), Row("qlora"), Row("rtn", 2, 32), Row("gptq", 2, 32), Row("qlora+rtn", 2, 32),
         Row("qlora+gptq", 2, 32), Row("qalora", 2, 32)]
@@ -30,6 +30,15 @@ def test_compare_verdicts():
     assert compare({"value": 0.5, "stderr": 0.05}, {"value": 0.52, "stderr": 0.05})[2].startswith("showed no")
     diff, se, v = compare({"value": 0.3, "stderr": 0.03}, {"value": 0.5, "stderr": 0.04})
     assert v == "lost to" and abs(diff + 0.2) < 1e-12 and abs(se - 0.05) < 1e-12
+
+
+def test_rows_equal_to_the_base_are_marked():
+    res = {"x": {"acc": {"value": 0.5}}}
+    rows = [{"id": "base", "method": "base", "results": res}, {"id": "rtn-int4-g32", "method": "rtn", "results": dict(res)},
+            {"id": "rtn-int3-g32", "method": "rtn", "results": {"x": {"acc": {"value": 0.4}}}},
+            {"id": "qalora-int4-g32", "method": "qalora", "results": dict(res)}]
+    assert same_as_base(rows) == {"rtn-int4-g32"}
+    assert same_as_base(rows[1:]) == set()
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +87,5 @@ def test_docs_are_written(run, tmp_path):
     assert "QA-LoRA (merged) INT2 g32" in md and "Budget **smoke**" in md and "Smoke run." in md
     assert len(verdicts(summary["rows"])) == 3 and table(summary["rows"]).count("\n") == len(ROWS) + 1
     assert results_markdown(summary, "cmd").count("| ") > len(ROWS)
+    marked = {r["id"] for r in summary["rows"] if "(= base)" in table(summary["rows"]).split(r["label"])[1][:10]}
+    assert marked == same_as_base(summary["rows"])

@@ -50,14 +50,25 @@ def score(row: dict, key: str) -> dict:
     return reported(res[key])
 
 
+def same_as_base(rows: list[dict]) -> set[str]:
+    """Ids of quantized rows whose every figure equals the base row's: the model already sits on
+    that grid (the embedded model ships as Q4_1, so untuned INT4 g32 RTN reproduces it)."""
+    base = next((r for r in rows if r["method"] == "base"), None)
+    if base is None:
+        return set()
+    return {r["id"] for r in rows if r["method"] in ("rtn", "gptq") and r["results"] == base["results"]}
+
+
 def table(rows: list[dict]) -> str:
-    """Markdown table, one line per row: accuracies in % ± standard error."""
+    """Markdown table, one line per row: accuracies in % ± standard error. Rows identical to the
+    base are marked "(= base)"."""
+    equal = same_as_base(rows)
     head = ["row", "bits", "MMLU 0-shot", "MMLU 5-shot", *(SHORT[t] for t in COMMONSENSE), "CS avg (7)",
             *(SHORT[t] for t in EXTRA_CHOICE), "ppl", "trainable", "train s", "size"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         res = r["results"]
-        cells = [r["label"], _bits(r), _pct(score(r, "mmlu_0shot")), _pct(score(r, "mmlu_5shot")),
+        cells = [r["label"] + (" (= base)" if r["id"] in equal else ""), _bits(r), _pct(score(r, "mmlu_0shot")), _pct(score(r, "mmlu_5shot")),
                  *(_pct(reported(res[t])) for t in COMMONSENSE), f"**{_pct(score(r, 'commonsense'))}**",
                  *(_pct(reported(res[t])) for t in EXTRA_CHOICE), f"{res['perplexity']['perplexity']:.1f}",
                  f"{r['trainable_parameters'] / 1e6:.1f} M" if r.get("trainable_parameters") else "-",
@@ -151,6 +162,9 @@ def results_markdown(summary: dict, command: str, notes: str = "") -> str:
         "the qalora checkpoint file otherwise (embeddings and lm_head stay fp32 in it).",
         "",
         table(rows),
+        *([f"", "(= base): every figure equals the unquantized base's: {', '.join(sorted(same_as_base(rows)))} "
+           "reproduces the model's weights exactly, because the model already sits on that grid (the "
+           "embedded SmolLM2 ships as Q4_1, i.e. on the INT4 g32 grid)."] if same_as_base(rows) else []),
         "",
         "## QA-LoRA vs QLoRA w/ GPTQ",
         "",
