@@ -60,6 +60,7 @@ def test_every_row_is_built_and_evaluated(run):
             assert res[task]["n"] == 4
         assert res["mmlu_0shot"]["acc"]["n"] == 4 and res["mmlu_5shot"]["acc"]["n"] == 2
         assert res["perplexity"]["n_windows"] == 1 and r["size_bytes"] > 0
+        assert 0.0 < r["heldout_loss"] < 20.0
     assert rows["qalora-int2-g32"]["merge"]["fp64_max_abs_logit_diff"] <= 1e-4
     assert rows["qlora+gptq-int2-g32"]["merge"]["lossy"] is True
     assert rows["lora"]["trainable_parameters"] == rows["qlora"]["trainable_parameters"]
@@ -74,6 +75,12 @@ def test_rerun_resumes_and_refuses_another_budget(run):
     before = row_file.stat().st_mtime_ns
     again = reproduce(root / "out", "smoke", str(root / "fp"), rows=ROWS, progress=False)
     assert row_file.stat().st_mtime_ns == before and again["rows"] == summary["rows"]
+    rec = json.loads(row_file.read_text())
+    loss = rec.pop("heldout_loss")
+    row_file.write_text(json.dumps(rec))  # a record from before the held-out loss existed
+    third = reproduce(root / "out", "smoke", str(root / "fp"), rows=ROWS, progress=False)
+    assert third["rows"][4]["id"] == "gptq-int2-g32"
+    assert third["rows"][4]["heldout_loss"] == pytest.approx(loss, rel=1e-6)
     with pytest.raises(QaloraError, match="budget 'smoke'"):
         reproduce(root / "out", "small", str(root / "fp"), rows=ROWS, progress=False)
 

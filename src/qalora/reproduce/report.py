@@ -64,13 +64,14 @@ def table(rows: list[dict]) -> str:
     base are marked "(= base)"."""
     equal = same_as_base(rows)
     head = ["row", "bits", "MMLU 0-shot", "MMLU 5-shot", *(SHORT[t] for t in COMMONSENSE), "CS avg (7)",
-            *(SHORT[t] for t in EXTRA_CHOICE), "ppl", "trainable", "train s", "size"]
+            *(SHORT[t] for t in EXTRA_CHOICE), "ppl", "held-out loss", "trainable", "train s", "size"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         res = r["results"]
         cells = [r["label"] + (" (= base)" if r["id"] in equal else ""), _bits(r), _pct(score(r, "mmlu_0shot")), _pct(score(r, "mmlu_5shot")),
                  *(_pct(reported(res[t])) for t in COMMONSENSE), f"**{_pct(score(r, 'commonsense'))}**",
                  *(_pct(reported(res[t])) for t in EXTRA_CHOICE), f"{res['perplexity']['perplexity']:.1f}",
+                 f"{r['heldout_loss']:.3f}" if r.get("heldout_loss") is not None else "-",
                  f"{r['trainable_parameters'] / 1e6:.1f} M" if r.get("trainable_parameters") else "-",
                  f"{r['train_seconds']:.0f}" if r.get("train_seconds") else "-", _size(r.get("size_bytes"))]
         lines.append("| " + " | ".join(cells) + " |")
@@ -159,7 +160,9 @@ def results_markdown(summary: dict, command: str, notes: str = "") -> str:
         "Accuracy in % ± standard error (binomial, over the items scored); the customary metric per task "
         "(acc_norm for HellaSwag, ARC, PIQA, OpenBookQA; acc for WinoGrande, BoolQ, SIQA). Every row computes "
         "in fp32 (quantized rows on the dense kernel: fp32 dequantized weights, identical to the reference kernel). \"size\" is the 16-bit size for unquantized rows and "
-        "the qalora checkpoint file otherwise (embeddings and lm_head stay fp32 in it).",
+        "the qalora checkpoint file otherwise (embeddings and lm_head stay fp32 in it). \"held-out loss\" is the "
+        "final model's mean cross entropy on the response tokens of every held-out example of the training data "
+        "(the objective all tuned rows optimised; lower is better); \"ppl\" is perplexity on LAMBADA passages.",
         "",
         table(rows),
         *([f"", "(= base): every figure equals the unquantized base's: {', '.join(sorted(same_as_base(rows)))} "

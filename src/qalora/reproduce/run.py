@@ -6,7 +6,7 @@ artifact a folder the single commands would have written::
     out/bases/{rtn,gptq}-intB-gG/  qalora quantize
     out/adapters/{lora,qlora,qalora-intB-gG}/   qalora train
     out/models/{qlora+rtn,qlora+gptq,qalora}-intB-gG/   qalora merge [--requantize]
-    out/rows/<row id>.json         the row's figures
+    out/rows/<row id>.json         the row's figures (+ held-out instruction loss)
     out/results.json               all rows + machine + timings
 
 Quantized rows are evaluated on the ``dense`` kernel (the reference kernel's fp32 dequantized
@@ -43,6 +43,7 @@ class Workspace:
         from qalora.default_model import resolve_model
 
         self.fp_folder = resolve_model(model)
+        self._heldout = None
 
     # --- stages --------------------------------------------------------------------------------
     def base(self, method: str, bits: int, group: int) -> Path:
@@ -132,19 +133,45 @@ class Workspace:
         out["perplexity"] = evaluate(model, ["perplexity"], windows=b.ppl_windows, **common)["results"]["perplexity"]
         return out
 
+    def heldout_loss(self, model, tok) -> float:
+        """Mean response-token cross entropy (fp32) on every held-out example of the training
+        data: the objective every tuned row optimised, measured on the final model."""
+        from contextlib import nullcontext
+
+        from qalora.training.data import load_train_data
+        from qalora.training.loop import validation_loss
+
+        if self._heldout is None:
+            b = self.b
+            cfg = TrainConfig(batch_size=b.eval_batch_size, max_seq_len=b.max_seq_len, seed=b.seed,
+                              eval_batches=1_000_000)
+            self._heldout = load_train_data(cfg.data, tok, cfg)
+        return validation_loss(model, self._heldout, nullcontext)
+
     def row(self, row: Row) -> dict:
+        """The row's record, computed once and cached; a record from before the held-out loss
+        existed gets it added (the row is rebuilt from its cached artifacts)."""
         path = self.root / "rows" / f"{row.id}.json"
         if path.is_file():
-            return read_json(path, "row result")
+            rec = read_json(path, "row result")
+            if "heldout_loss" not in rec:
+                model, tok, _ = self.build(row)
+                _say(f"held-out loss {row.id}", self.progress)
+                t0 = time.time()
+                rec["heldout_loss"] = self.heldout_loss(model, tok)
+                rec["eval_seconds"] = round(rec["eval_seconds"] + time.time() - t0, 1)
+                write_json(path, rec)
+            return rec
         t0 = time.time()
         model, tok, facts = self.build(row)
         t1 = time.time()
         _say(f"evaluate {row.id}", self.progress)
         results = self.evaluate(model, tok)
+        loss = self.heldout_loss(model, tok)
         del model
         gc.collect()
         rec = {"id": row.id, "label": row.label, "method": row.method, "bits": row.bits,
-               "group_size": row.group_size, **facts, "results": results,
+               "group_size": row.group_size, **facts, "results": results, "heldout_loss": loss,
                "build_seconds": round(t1 - t0, 1), "eval_seconds": round(time.time() - t1, 1)}
         path.parent.mkdir(exist_ok=True)
         write_json(path, rec)
