@@ -33,8 +33,9 @@ def test_compare_verdicts():
 
 
 def test_rows_equal_to_the_base_are_marked():
-    res = {"x": {"acc": {"value": 0.5}}}
-    rows = [{"id": "base", "method": "base", "results": res}, {"id": "rtn-int4-g32", "method": "rtn", "results": dict(res)},
+    res = {"x": {"acc": {"value": 0.5}, "seconds": 3.0}}
+    rows = [{"id": "base", "method": "base", "results": res},
+            {"id": "rtn-int4-g32", "method": "rtn", "results": {"x": {"acc": {"value": 0.5}, "seconds": 2.0}}},
             {"id": "rtn-int3-g32", "method": "rtn", "results": {"x": {"acc": {"value": 0.4}}}},
             {"id": "qalora-int4-g32", "method": "qalora", "results": dict(res)}]
     assert same_as_base(rows) == {"rtn-int4-g32"}
@@ -94,5 +95,10 @@ def test_docs_are_written(run, tmp_path):
     assert "QA-LoRA (merged) INT2 g32" in md and "Budget **smoke**" in md and "Smoke run." in md
     assert len(verdicts(summary["rows"])) == 3 and table(summary["rows"]).count("\n") == len(ROWS) + 1
     assert results_markdown(summary, "cmd").count("| ") > len(ROWS)
-    marked = {r["id"] for r in summary["rows"] if "(= base)" in table(summary["rows"]).split(r["label"])[1][:10]}
-    assert marked == same_as_base(summary["rows"])
+    twin = {**summary, "model": "default", "rows": summary["rows"] + [
+        {**summary["rows"][0], "id": "rtn-int4-g32", "method": "rtn", "bits": 4, "group_size": 32,
+         "label": "RTN, no tuning INT4 g32", "results": {**summary["rows"][0]["results"], "seconds": -1.0}}]}
+    md = results_markdown(twin, "cmd")
+    assert "| RTN, no tuning INT4 g32 (= base) |" in md and "(= base): every figure equals the unquantized base's (" \
+        "rtn-int4-g32): each reproduces" in md and "ships as Q4_1" in md
+    assert "(= base)" not in results_markdown(summary, "cmd")

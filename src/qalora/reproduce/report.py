@@ -50,19 +50,26 @@ def score(row: dict, key: str) -> dict:
     return reported(res[key])
 
 
+def _figures(results):
+    """``results`` without its timings (``seconds`` keys, at any depth): what the table reports."""
+    if isinstance(results, dict):
+        return {k: _figures(v) for k, v in results.items() if k != "seconds"}
+    return results
+
+
 def same_as_base(rows: list[dict]) -> set[str]:
     """Ids of quantized rows whose every figure equals the base row's: the model already sits on
     that grid (the embedded model ships as Q4_1, so untuned INT4 g32 RTN reproduces it)."""
     base = next((r for r in rows if r["method"] == "base"), None)
     if base is None:
         return set()
-    return {r["id"] for r in rows if r["method"] in ("rtn", "gptq") and r["results"] == base["results"]}
+    figures = _figures(base["results"])
+    return {r["id"] for r in rows if r["method"] in ("rtn", "gptq") and _figures(r["results"]) == figures}
 
 
-def table(rows: list[dict]) -> str:
-    """Markdown table, one line per row: accuracies in % ± standard error. Rows identical to the
-    base are marked "(= base)"."""
-    equal = same_as_base(rows)
+def table(rows: list[dict], equal: set[str] = frozenset()) -> str:
+    """Markdown table, one line per row: accuracies in % ± standard error. Rows in ``equal``
+    (see :func:`same_as_base`) are marked "(= base)"."""
     head = ["row", "bits", "MMLU 0-shot", "MMLU 5-shot", *(SHORT[t] for t in COMMONSENSE), "CS avg (7)",
             *(SHORT[t] for t in EXTRA_CHOICE), "ppl", "held-out loss", "trainable", "train s", "size"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -141,6 +148,8 @@ def plot(rows: list[dict], path: str | os.PathLike, group_size: int = 32) -> Non
 def results_markdown(summary: dict, command: str, notes: str = "") -> str:
     """The whole ``RESULTS.md``: setting, command, machine, table, verdicts, notes."""
     rows, b, m = summary["rows"], summary["budget_settings"], summary["machine"]
+    equal = sorted(same_as_base(rows))
+    shipped = " (the embedded SmolLM2 ships as Q4_1, i.e. on the INT4 g32 grid)" if summary["model"] == "default" else ""
     hours = summary.get("seconds_total", 0) / 3600
     parts = [
         "# Results: the paper's Table 1 on the embedded model",
@@ -164,10 +173,9 @@ def results_markdown(summary: dict, command: str, notes: str = "") -> str:
         "final model's mean cross entropy on the response tokens of every held-out example of the training data "
         "(the objective all tuned rows optimised; lower is better); \"ppl\" is perplexity on LAMBADA passages.",
         "",
-        table(rows),
-        *([f"", "(= base): every figure equals the unquantized base's: {', '.join(sorted(same_as_base(rows)))} "
-           "reproduces the model's weights exactly, because the model already sits on that grid (the "
-           "embedded SmolLM2 ships as Q4_1, i.e. on the INT4 g32 grid)."] if same_as_base(rows) else []),
+        table(rows, set(equal)),
+        *(["", f"(= base): every figure equals the unquantized base's ({', '.join(equal)}): each reproduces the model's "
+               f"weights exactly, because the model already sits on that grid{shipped}."] if equal else []),
         "",
         "## QA-LoRA vs QLoRA w/ GPTQ",
         "",
