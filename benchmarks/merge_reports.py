@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from qalora.checkpoint import read_meta
-from qalora.merging import REPORT_FILE
+from qalora.merging.command import REPORT_FILE
 
 OUT = Path(__file__).parent / "results" / "merge_reports.json"
 

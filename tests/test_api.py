@@ -9,7 +9,7 @@ from qalora.api import generate, load_model_and_tokenizer
 from qalora.checkpoint import save_checkpoint
 from qalora.config import LoraConfig, QuantConfig, TrainConfig
 from qalora.errors import QaloraError
-from qalora.merging import merge
+from qalora.merging.command import merge
 from qalora.patch import set_kernel
 from qalora.quantize import quantize_model
 from qalora.training.loop import train

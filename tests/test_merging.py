@@ -8,13 +8,16 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_llama, tiny_tokenizer
-from qalora.adapters import adapter_layers, add_adapters, load_adapter_state
+from qalora.adapters.attach import adapter_layers, add_adapters, load_adapter_state
 from qalora.checkpoint import load, save_checkpoint
 from qalora.config import LoraConfig, QuantConfig, TrainConfig
 from qalora.errors import QaloraError
-from qalora.merge_verify import compare_logits, verify_merge
-from qalora.merging import REPORT_FILE, merge, merge_model_inplace, merge_offsets, merge_qalora_layer, shared_copy
-from qalora.nn.lora import QALoRALinear
+from qalora.merging.verify import compare_logits, verify_merge
+from qalora.adapters.layer import AdaptedLinear
+from qalora.merging.command import REPORT_FILE, merge
+from qalora.adapters.kinds.qalora import qalora_delta
+from qalora.merging.exact import merge_layer as merge_qalora_layer
+from qalora.merging.surgery import merge_model_inplace, shared_copy
 from qalora.nn.quant_linear import QuantLinear
 from qalora.patch import set_kernel
 from qalora.quant.rtn import rtn_quantize
@@ -76,6 +79,11 @@ def adapted_tiny(bits: int, seed: int = 1):
     return base, model.eval()
 
 
+def merge_offsets(offset, A, B, s, L):
+    """QA-LoRA's merged offsets as the merge computes them: fp64 sum, one rounding."""
+    return (offset.double() + qalora_delta(A, B, s, L)).to(offset.dtype)
+
+
 def test_merge_offsets_equals_naive_loop():
     g = torch.Generator().manual_seed(0)
     out_f, groups, r, L, s = 6, 3, 4, 32, 16 / 4
@@ -116,7 +124,7 @@ def test_merged_logits_match_unmerged(bits):
     base, model = adapted_tiny(bits)
     merged = shared_copy(model)
     names = merge_model_inplace(merged)
-    assert len(names) == 14 and not any(isinstance(m, QALoRALinear) for m in merged.modules())
+    assert len(names) == 14 and not any(isinstance(m, AdaptedLinear) for m in merged.modules())
     tok = tiny_tokenizer()
     set_kernel(merged, "auto")
     report = verify_merge(model, merged, tok)
@@ -136,8 +144,8 @@ def test_merged_logits_match_unmerged(bits):
 def test_zero_adapter_merge_is_bit_identical_and_idempotent():
     base = quant_layer()
     offset = base.offset.clone()
-    once = merge_qalora_layer(QALoRALinear(base, rank=4))           # B starts at zero
-    twice = merge_qalora_layer(QALoRALinear(once, rank=4))
+    once = merge_qalora_layer(AdaptedLinear(base, ("qalora",), LoraConfig(rank=4)))           # B starts at zero
+    twice = merge_qalora_layer(AdaptedLinear(once, ("qalora",), LoraConfig(rank=4)))
     assert torch.equal(once.offset, offset) and torch.equal(twice.offset, offset)
     # model level: a merged model has nothing left to merge
     _, model = adapted_tiny(4)
@@ -158,7 +166,7 @@ def test_merge_order_does_not_matter_beyond_rounding():
 def test_merge_files_end_to_end(files, capsys):
     out = files / "merged"
     report = merge(files / "q4", files / "adapter", out)
-    assert "qalora merge: 14 adapters merged" in capsys.readouterr().out
+    assert "qalora merge: 14 qalora adapters merged" in capsys.readouterr().out
     saved = json.loads((out / "merge_report.json").read_text())
     assert saved == json.loads(json.dumps(report))
     for key in ("reference", "int4", "tolerance", "layers_merged", "codes_and_scales_unchanged"):
@@ -193,8 +201,8 @@ def test_refusals_write_nothing(files):
     out = files / "refused"
     cases = [
         ("other", "adapter", "trained on another base"),
-        ("g64", "adapter", "pools groups of 32 .* group_size 64"),
-        ("q4", "lora", "method 'lora'.*--requantize rtn\\|gptq.*not exact"),
+        ("g64", "adapter", "trained on a group_size 32 grid .* has group_size 64"),
+        ("q4", "lora", "method 'lora'.*does not merge exactly.*--requantize rtn\\|gptq"),
         ("q4", "nowhere", "is not a folder"),
     ]
     for base, adapter, msg in cases:
@@ -224,7 +232,7 @@ def test_refusals_write_nothing(files):
 
 
 def test_merge_beyond_tolerance_writes_nothing(files, monkeypatch):
-    import qalora.merging as merge_mod
+    import qalora.merging.command as merge_mod
 
     real = merge_mod.verify_merge
 
@@ -242,7 +250,7 @@ def test_merge_beyond_tolerance_writes_nothing(files, monkeypatch):
 
 def test_failure_while_writing_leaves_nothing(files, monkeypatch):
     """The report is written after the checkpoint files, inside the same staging folder."""
-    import qalora.merging as merge_mod
+    import qalora.merging.command as merge_mod
 
     def full_disk(path, obj):
         raise OSError(28, "No space left on device")
@@ -259,7 +267,7 @@ def test_failure_while_writing_leaves_nothing(files, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 
 def test_weight_error_is_half_an_ulp_and_catches_a_wrong_merge():
-    from qalora.merge_verify import MAX_WEIGHT_ULPS, layer_weight_error, weight_errors
+    from qalora.merging.verify import MAX_WEIGHT_ULPS, layer_weight_error, weight_errors
 
     model = adapted_tiny(3)[1]
     merged = shared_copy(model)
@@ -273,7 +281,7 @@ def test_weight_error_is_half_an_ulp_and_catches_a_wrong_merge():
 
 
 def test_storage_floor_leaves_the_model_as_it_was():
-    from qalora.merge_verify import fp64_checks
+    from qalora.merging.verify import fp64_checks
 
     model = adapted_tiny(3)[1]
     merged = shared_copy(model)
@@ -285,7 +293,7 @@ def test_storage_floor_leaves_the_model_as_it_was():
 
 
 def test_float64_block_restores_every_tensor_bit_for_bit():
-    from qalora.merge_verify import float64
+    from qalora.merging.verify import float64
 
     model = adapted_tiny(3)[1]
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -296,7 +304,7 @@ def test_float64_block_restores_every_tensor_bit_for_bit():
 
 
 def test_noise_floor_and_fp64_diff_are_small_but_measured():
-    from qalora.merge_verify import auto_tolerance, fp64_checks
+    from qalora.merging.verify import auto_tolerance, fp64_checks
 
     model = adapted_tiny(3)[1]
     merged = shared_copy(model)
@@ -320,10 +328,15 @@ def test_merge_report_has_the_fp64_figures(files):
 
 
 def test_merge_refuses_offsets_that_are_not_the_exact_sum(files, monkeypatch):
-    import qalora.merging as merge_mod
 
-    real = merge_mod.merge_offsets
-    monkeypatch.setattr(merge_mod, "merge_offsets", lambda off, *a: real(off, *a) * (1 + 1e-5))
+    import qalora.merging.exact as exact
+    real = exact.merged_triple
+
+    def inexact(layer, name):
+        codes, scale, offset = real(layer, name)
+        return codes, scale, offset * (1 + 1e-5)
+
+    monkeypatch.setattr(exact, "merged_triple", inexact)
     out = files / "inexact"
     with pytest.raises(QaloraError, match="ulp of its offsets"):
         merge(files / "q4", files / "adapter", out, progress=False)
@@ -331,7 +344,7 @@ def test_merge_refuses_offsets_that_are_not_the_exact_sum(files, monkeypatch):
 
 
 def test_merge_error_beyond_tolerance_in_fp64_writes_nothing(files, monkeypatch):
-    import qalora.merging as merge_mod
+    import qalora.merging.command as merge_mod
 
     monkeypatch.setattr(merge_mod, "fp64_checks", lambda *a: {"fp32_noise_floor": 1e-6, "fp64_max_abs_logit_diff": 2e-4,
                                                           "fp32_storage_floor": 1e-6})

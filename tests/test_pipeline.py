@@ -8,7 +8,7 @@ from conftest import tiny_llama, tiny_tokenizer
 from qalora.cli import main
 from qalora.config import LoraConfig, QuantConfig, TrainConfig
 from qalora.errors import QaloraError
-from qalora.merging import REPORT_FILE
+from qalora.merging.command import REPORT_FILE
 from qalora.pipeline import format_table, pipeline
 
 QA = [("What is two plus two?", "Four."), ("Name a colour.", "Blue."), ("Say hello.", "Hello!")]

@@ -9,9 +9,9 @@ from qalora.api import load_model_and_tokenizer
 from qalora.checkpoint import load
 from qalora.config import LoraConfig, QuantConfig, TrainConfig
 from qalora.errors import QaloraError
-from qalora.nn.lora import LoRALinear
+from qalora.adapters.layer import AdaptedLinear
 from qalora.patch import quant_layers, set_kernel
-from qalora.requantize import merge_lora_dense, requantize
+from qalora.merging.requantize import merge_lora_dense, requantize
 from qalora.training.loop import train
 
 
@@ -31,7 +31,7 @@ def tcfg(tmp_path, method):
 
 def test_merge_lora_dense_equals_adapted_layer():
     base = torch.nn.Linear(64, 32)
-    layer = LoRALinear(base, rank=4, alpha=8)
+    layer = AdaptedLinear(base, ("lora",), LoraConfig(rank=4, alpha=8))
     torch.nn.init.normal_(layer.lora_B.weight)
     x = torch.randn(5, 64)
     torch.testing.assert_close(merge_lora_dense(layer)(x), layer(x), rtol=1e-5, atol=1e-5)  # fp32 reassociation

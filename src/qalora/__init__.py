@@ -9,7 +9,7 @@ from qalora.nn.quant_linear import QuantLinear
 from qalora.quant.weight import QuantizedWeight
 from qalora.quantize import quantize_model
 from qalora.training.loop import train
-from qalora.merging import merge
+from qalora.merging.command import merge
 from qalora.pipeline import pipeline
 
 __version__ = "0.1.0"

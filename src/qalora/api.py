@@ -52,7 +52,7 @@ def load_model_and_tokenizer(path: str | os.PathLike, kernel: str = "auto", devi
     from qalora.patch import set_kernel
 
     if adapter is not None:
-        from qalora.adapter_files import load_adapted
+        from qalora.adapters.format import load_adapted
 
         model, tok, _ = load_adapted(path, adapter)
         set_kernel(model, kernel)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import types
 import typing
 from pathlib import Path
 
@@ -20,6 +21,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
         help_ = f.metadata.get("help", "")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kind = hints[f.name]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # ``X | None``: an optional X
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
         if kind is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
                                 help=f"{help_} (default: {default})")
@@ -74,12 +77,12 @@ def cmd_train(args) -> int:
 def cmd_merge(args) -> int:
     if args.requantize:
         from qalora.config import QuantConfig
-        from qalora.requantize import requantize
+        from qalora.merging.requantize import requantize
 
         config = QuantConfig(bits=args.bits, group_size=args.group_size, method=args.requantize)
         requantize(args.model, args.adapter, args.out, config, progress=not args.quiet)
         return 0
-    from qalora.merging import merge
+    from qalora.merging.command import merge
 
     merge(args.model, args.adapter, args.out, tolerance=args.tolerance, noise_floor=not args.no_noise_floor,
           progress=not args.quiet)

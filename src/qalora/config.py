@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from qalora.adapters.methods import METHODS
 from qalora.errors import QaloraError
 from qalora.quant.qparams import SUPPORTED_BITS
 
@@ -65,7 +66,7 @@ class QuantConfig:
         return d
 
 
-TRAIN_METHODS = ("qalora", "qlora", "lora")
+TRAIN_METHODS = tuple(METHODS)
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -80,12 +81,18 @@ class LoraConfig:
         alpha: scaling numerator, ``s = alpha / r``.
         dropout: dropout on the adapter input (after pooling for QA-LoRA).
         targets: module-name suffixes that get an adapter.
+        train_scales: also train the scales (``qalora``, ``lota``): PEQA / E2E-QP style.
+        with_qalora: ``lota`` only: add QA-LoRA offsets beside the ternary code updates.
+        lota_omega: LoTA's threshold ω on ``B_T A_T`` (default ``0.75 * rank``, the paper's 48 at r = 64).
     """
 
     rank: int = field(default=64, metadata={"help": "adapter rank r"})
     alpha: float = field(default=16.0, metadata={"help": "adapter scaling numerator (s = alpha / r)"})
     dropout: float = field(default=0.0, metadata={"help": "adapter dropout (after pooling for QA-LoRA)"})
     targets: tuple[str, ...] = field(default=DEFAULT_TARGETS, metadata={"help": "module-name suffixes that get adapters"})
+    train_scales: bool = field(default=False, metadata={"help": "also train the per-group scales (qalora, lota)"})
+    with_qalora: bool = field(default=False, metadata={"help": "lota: add QA-LoRA offsets"})
+    lota_omega: float | None = field(default=None, metadata={"help": "lota threshold on B_T A_T (default 0.75 x rank)"})
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -93,6 +100,8 @@ class LoraConfig:
         if not 0 <= self.dropout < 1:
             raise QaloraError(f"dropout {self.dropout!r} must be in [0, 1)")
         self.targets = tuple(self.targets)
+        if self.lota_omega is not None and not self.lota_omega > 0:
+            raise QaloraError(f"lota_omega {self.lota_omega!r} must be positive, e.g. {0.75 * self.rank:g} (0.75 x rank)")
         if not self.targets:
             raise QaloraError("targets is empty; name at least one projection, e.g. q_proj v_proj")
 
@@ -108,8 +117,9 @@ class TrainConfig:
     (lr 2e-4, constant schedule, grad-norm clip 0.3).
 
     Attributes:
-        method: ``qalora`` (QA-LoRA on an INTn qalora checkpoint), ``qlora`` (NF4 base + LoRA)
-            or ``lora`` (LoRA on the unquantized model).
+        method: ``qalora`` (QA-LoRA), ``peqa`` (trained scales) or ``lota`` (LoTA-QAF) on an INTn
+            qalora checkpoint; ``qlora`` (NF4 base + LoRA) or ``lora`` (unquantized model):
+            see ``qalora.adapters.methods``.
         data: ``default`` (embedded instruction mixture), a JSON/JSONL file or a datasets folder.
         steps: optimizer steps.
         batch_size: sequences per micro-batch; ``grad_accum`` micro-batches per step.
@@ -120,9 +130,12 @@ class TrainConfig:
         save_every: checkpoint every N steps (atomic; the last two are kept).
         grad_checkpointing: recompute decoder layers in backward to save activation memory.
         seed: model init, dropout and data order.
+        tsign_start, tsign_mid, tsign_end, tsign_ramp: t-SignSGD's quantile σ of |grad| (ternary
+            parameters of ``lota``): linear from ``start`` to ``mid`` over the first ``ramp`` of
+            the steps, then to ``end`` at the last step (LoTA-QAF: 0.95, 0.999, 0.9999, 0.8).
     """
 
-    method: str = field(default="qalora", metadata={"help": "qalora, qlora or lora"})
+    method: str = field(default="qalora", metadata={"help": "qalora, peqa, lota, qlora or lora"})
     data: str = field(default="default", metadata={"help": "'default', a JSON/JSONL file or a datasets folder"})
     steps: int = field(default=200, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=4, metadata={"help": "sequences per micro-batch"})
@@ -138,6 +151,10 @@ class TrainConfig:
     save_every: int = field(default=50, metadata={"help": "checkpoint every N steps"})
     grad_checkpointing: bool = field(default=False, metadata={"help": "recompute layers in backward"})
     seed: int = field(default=0, metadata={"help": "seed for init, dropout and data order"})
+    tsign_start: float = field(default=0.95, metadata={"help": "t-SignSGD: quantile of |grad| at step 1"})
+    tsign_mid: float = field(default=0.999, metadata={"help": "t-SignSGD: quantile at the end of the ramp"})
+    tsign_end: float = field(default=0.9999, metadata={"help": "t-SignSGD: quantile at the last step"})
+    tsign_ramp: float = field(default=0.8, metadata={"help": "t-SignSGD: fraction of the steps of the first ramp"})
 
     def __post_init__(self) -> None:
         if self.method not in TRAIN_METHODS:
@@ -153,6 +170,11 @@ class TrainConfig:
             raise QaloraError(f"lr {self.lr!r} must be positive, e.g. 2e-4")
         if self.warmup_steps < 0 or self.max_grad_norm < 0 or self.weight_decay < 0:
             raise QaloraError("warmup_steps, max_grad_norm and weight_decay must not be negative")
+        if not 0 <= self.tsign_start <= self.tsign_mid <= self.tsign_end < 1:
+            raise QaloraError(f"t-SignSGD quantiles {self.tsign_start}, {self.tsign_mid}, {self.tsign_end} must rise "
+                              "within [0, 1), e.g. 0.95, 0.999, 0.9999")
+        if not 0 < self.tsign_ramp <= 1:
+            raise QaloraError(f"tsign_ramp {self.tsign_ramp!r} must be in (0, 1], e.g. 0.8")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -87,7 +87,7 @@ def _stage_quantize(model, paths: PipelinePaths, quant: QuantConfig, progress: b
 
 
 def _stage_train(paths: PipelinePaths, cfg: TrainConfig, lora: LoraConfig, progress: bool) -> dict:
-    from qalora.adapter_files import ADAPTER_CONFIG, read_adapter_config
+    from qalora.adapters.format import ADAPTER_CONFIG, read_adapter_config
     from qalora.training.loop import RUN_FILE, train
 
     if (paths.adapter / ADAPTER_CONFIG).is_file():
@@ -104,8 +104,8 @@ def _stage_train(paths: PipelinePaths, cfg: TrainConfig, lora: LoraConfig, progr
 
 
 def _stage_merge(paths: PipelinePaths, progress: bool) -> dict:
-    from qalora.adapter_files import ADAPTER_FILE
-    from qalora.merging import REPORT_FILE, merge
+    from qalora.adapters.format import ADAPTER_FILE
+    from qalora.merging.command import REPORT_FILE, merge
 
     if (paths.merged / REPORT_FILE).is_file():
         report = read_json(paths.merged / REPORT_FILE, "merge report")
@@ -145,7 +145,7 @@ def decode_tokens_per_s(model, tokenizer, new_tokens: int = 64, prompt: str = SP
 
 
 def _stage_speed(paths: PipelinePaths, new_tokens: int, progress: bool) -> dict:
-    from qalora.adapter_files import load_adapted
+    from qalora.adapters.format import load_adapted
     from qalora.checkpoint import load
     from qalora.models import load_tokenizer
     from qalora.patch import set_kernel

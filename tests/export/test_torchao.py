@@ -16,13 +16,13 @@ from safetensors import safe_open
 pytest.importorskip("torchao")
 
 from conftest import tiny_llama, tiny_tokenizer  # noqa: E402
-from qalora.adapters import adapter_layers, add_adapters  # noqa: E402
+from qalora.adapters.attach import adapter_layers, add_adapters  # noqa: E402
 from qalora.checkpoint import load, save_checkpoint  # noqa: E402
 from qalora.cli import main  # noqa: E402
 from qalora.config import LoraConfig, QuantConfig  # noqa: E402
 from qalora.errors import QaloraError  # noqa: E402
 from qalora.export.torchao import INFO_FILE, export_torchao, torchao_qparams, torchao_weight  # noqa: E402
-from qalora.merging import merge_model_inplace  # noqa: E402
+from qalora.merging.surgery import merge_model_inplace  # noqa: E402
 from qalora.patch import quant_layers  # noqa: E402
 from qalora.quant.qparams import dequantize  # noqa: E402
 from qalora.quant.weight import QuantizedWeight  # noqa: E402

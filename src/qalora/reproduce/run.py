@@ -58,7 +58,7 @@ class Workspace:
         return path
 
     def adapter(self, method: str, base: Path, name: str) -> tuple[Path, dict]:
-        from qalora.adapter_files import ADAPTER_CONFIG, read_adapter_config
+        from qalora.adapters.format import ADAPTER_CONFIG, read_adapter_config
         from qalora.training.loop import RUN_FILE, train
 
         path = self.root / "adapters" / name
@@ -74,8 +74,8 @@ class Workspace:
 
     def merged(self, row: Row) -> tuple[Path, dict, dict]:
         """``(checkpoint, merge report, adapter config)`` of a qalora / qlora+X row."""
-        from qalora.merging import REPORT_FILE, merge
-        from qalora.requantize import requantize
+        from qalora.merging.command import REPORT_FILE, merge
+        from qalora.merging.requantize import requantize
 
         path = self.root / "models" / row.id
         if row.method == "qalora":
@@ -96,10 +96,10 @@ class Workspace:
     # --- rows ----------------------------------------------------------------------------------
     def build(self, row: Row) -> tuple[torch.nn.Module, object, dict]:
         """``(model, tokenizer, facts)`` of a row, ready to evaluate (eval mode, fp32 compute)."""
-        from qalora.adapter_files import load_adapted
+        from qalora.adapters.format import load_adapted
         from qalora.checkpoint import load
         from qalora.models import load_fp_model, load_tokenizer
-        from qalora.requantize import merge_dense
+        from qalora.merging.requantize import merge_dense
 
         if row.method == "base":
             model, tok, _ = load_fp_model(self.fp_folder)

@@ -22,12 +22,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from qalora.adapter_files import ADAPTER_CONFIG, ADAPTER_FILE, ADAPTER_FORMAT
-from qalora.adapters import adapter_state, add_adapters, load_adapter_state, trainable_parameters
+from qalora.adapters.attach import (adapter_layers, adapter_state, add_adapters, load_adapter_state, ternary_parameter_names,
+                                    trainable_parameters)
+from qalora.adapters.base import BASE_KERNELS, load_base
+from qalora.adapters.format import state_counts, write_adapter
+from qalora.adapters.methods import method_kinds
 from qalora.config import LoraConfig, TrainConfig
 from qalora.errors import QaloraError
 from qalora.io import read_json, write_json
-from qalora.training.base import load_base
+from qalora.training.optim import Optimizers
 from qalora.training.data import TrainData, load_train_data
 from qalora.training.state import latest_checkpoint, load_train_state, save_train_state
 
@@ -103,17 +106,6 @@ def _truncate_metrics(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def _write_adapter(adir: Path, adapter: dict, config: dict) -> None:
-    from safetensors.torch import save_file
-
-    tmp = adir / f".{ADAPTER_FILE}.tmp"
-    save_file(adapter, str(tmp), metadata={"format": ADAPTER_FORMAT})
-    os.replace(tmp, adir / ADAPTER_FILE)
-    tmpc = adir / f".{ADAPTER_CONFIG}.tmp"
-    write_json(tmpc, config)
-    os.replace(tmpc, adir / ADAPTER_CONFIG)
-
-
 def train(model: str | os.PathLike | None, out: str | os.PathLike, cfg: TrainConfig | None = None,
           lora: LoraConfig | None = None, resume: bool = False, progress: bool = True) -> dict:
     """Train adapters of ``cfg.method`` on ``model``; write them to ``out``.
@@ -130,7 +122,8 @@ def train(model: str | os.PathLike | None, out: str | os.PathLike, cfg: TrainCon
     if not adir.parent.exists():
         raise QaloraError(f"the parent folder of output {str(adir)!r} does not exist")
 
-    base = load_base(cfg.method, model)
+    kinds = method_kinds(cfg.method, lora)  # refuses a switch the method does not take
+    base = load_base(cfg.method, model, cfg.compute_dtype)
     identity = _run_identity(cfg, lora, base.sha256)
     if resume:
         _check_resume(adir, identity)
@@ -145,10 +138,7 @@ def train(model: str | os.PathLike | None, out: str | os.PathLike, cfg: TrainCon
             net.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warm = cfg.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warm + 1)) if warm else 1.0)
+    optim = Optimizers(net, cfg)
     dtype_ctx = (lambda: torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16)) \
         if cfg.compute_dtype == "bf16" else nullcontext
 
@@ -157,8 +147,7 @@ def train(model: str | os.PathLike | None, out: str | os.PathLike, cfg: TrainCon
     if resume and (ckpt := latest_checkpoint(adir)) is not None:
         adapter, state = load_train_state(ckpt)
         load_adapter_state(net, adapter)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        optim.load_state_dict(state["optim"])
         torch.set_rng_state(state["rng"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -171,7 +160,7 @@ def train(model: str | os.PathLike | None, out: str | os.PathLike, cfg: TrainCon
     if start >= cfg.steps:
         raise QaloraError(f"--resume {str(adir)!r}: the run already reached step {start}; ask for more --steps")
 
-    print(f"qalora train: method {cfg.method}, {len(names)} adapters, {n_trainable:,} trainable parameters, "
+    print(f"qalora train: method {cfg.method} ({'+'.join(kinds)}), {len(names)} adapters, {n_trainable:,} trainable parameters, "
           f"{data.n_train} train / {data.n_val} validation examples", flush=True)
     val0 = validation_loss(net, data, dtype_ctx)
     if start == 0:
@@ -192,35 +181,40 @@ def train(model: str | os.PathLike | None, out: str | os.PathLike, cfg: TrainCon
             bar.close()
             raise QaloraError(f"the loss became {loss_sum} at step {step + 1}; stopped. The last good checkpoint "
                               f"is step {last_good} in {str(adir / 'checkpoints')!r}; lower --lr or check the data")
-        gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)) if cfg.max_grad_norm > 0 \
-            else float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        gnorm = optim.clip(cfg.max_grad_norm)
+        optim.step()
         dt = time.time() - t0
         tokens_seen += sb.input_tokens
-        rec = {"step": step + 1, "loss": loss_sum, "lr": scheduler.get_last_lr()[0], "grad_norm": gnorm,
+        rec = {"step": step + 1, "loss": loss_sum, "lr": optim.lr, "grad_norm": gnorm,
                "tokens": sb.tokens, "input_tokens": sb.input_tokens, "seconds": round(dt, 4)}
+        if optim.ternary_changed is not None:
+            rec["ternary_changed"] = optim.ternary_changed
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             val = rec["val_loss"] = validation_loss(net, data, dtype_ctx)
         _log(metrics, rec)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            save_train_state(adir, step + 1, adapter_state(net), optimizer, scheduler)
+            save_train_state(adir, step + 1, adapter_state(net), optim.state_dict())
             last_good = step + 1
         bar.set_postfix(loss=f"{loss_sum:.3f}", val=f"{val:.3f}", tok_s=f"{tokens_seen / (time.time() - t_start):.0f}")
         bar.update(1)
     bar.close()
     elapsed = time.time() - t_start
     steps_run = cfg.steps - start
-    config = {"format": ADAPTER_FORMAT, "format_version": 1, "method": cfg.method, "rank": lora.rank,
+    state = adapter_state(net)
+    config = {"method": cfg.method, "kinds": list(kinds), "rank": lora.rank,
               "alpha": lora.alpha, "dropout": lora.dropout, "targets": list(lora.targets),
-              "modules": names, "group_size": base.group_size if cfg.method != "lora" else None,
+              "lota_omega": _lota_omega(net), "modules": names,
+              "group_size": base.group_size if cfg.method != "lora" else None,
               "base_bits": base.bits, "base_path": base.path, "base_sha256": base.sha256,
-              "trainable_parameters": n_trainable, "steps": cfg.steps, "train_config": cfg.to_dict(),
+              **state_counts(state, ternary_parameter_names(net)), "steps": cfg.steps, "train_config": cfg.to_dict(),
+              "compute": {"dtype": cfg.compute_dtype, "base_kernel": BASE_KERNELS[cfg.compute_dtype]},
               "val_loss_start": _first_val(metrics), "val_loss_end": val,
               "seconds_per_step": elapsed / max(steps_run, 1), "peak_rss_mb": round(_peak_rss_mb(), 1)}
-    _write_adapter(adir, adapter_state(net), config)
-    return config
+    return write_adapter(adir, state, config)
+
+
+def _lota_omega(net) -> float | None:
+    return next((m.lota_omega for m in adapter_layers(net).values() if hasattr(m, "lota_omega")), None)
 
 
 def _log(path: Path, rec: dict) -> None:

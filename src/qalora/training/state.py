@@ -1,7 +1,7 @@
 """Training checkpoints: written atomically, the last two kept, read back for an exact resume.
 
 ``ADIR/run.json``                 the run's identity (method, base fingerprint, data, configs)
-``ADIR/checkpoints/step-NNNNNN/`` ``adapter.safetensors`` + ``state.pt`` (optimizer, scheduler,
+``ADIR/checkpoints/step-NNNNNN/`` ``adapter.safetensors`` + ``state.pt`` (optimizers, scheduler,
                                   RNG, step) — a folder appears only complete (temp + rename)
 ``ADIR/checkpoints/latest``       name of the newest complete checkpoint (replaced atomically)
 """
@@ -25,14 +25,14 @@ def checkpoint_dir(adir: Path) -> Path:
     return Path(adir) / "checkpoints"
 
 
-def save_train_state(adir: Path, step: int, adapter: dict, optimizer, scheduler) -> Path:
+def save_train_state(adir: Path, step: int, adapter: dict, optim_state: dict) -> Path:
     root = checkpoint_dir(adir)
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
     try:
         save_file(adapter, str(tmp / "adapter.safetensors"))
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        torch.save({"step": step, "optim": optim_state,
                     "rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                    tmp / "state.pt")

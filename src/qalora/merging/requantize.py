@@ -16,16 +16,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qalora.adapter_files import ADAPTER_FILE, load_adapted
+from qalora.adapters.format import ADAPTER_FILE, load_adapted
+from qalora.adapters.kinds.lora import dense_delta
+from qalora.adapters.layer import AdaptedLinear
 from qalora.checkpoint import write_checkpoint
 from qalora.config import QuantConfig
 from qalora.errors import QaloraError
 from qalora.io import atomic_dir, check_new_output, sha256_file, write_json
-from qalora.merge_verify import verify_merge
-from qalora.merging import REPORT_FILE, shared_copy
-from qalora.nn.lora import LoRALinear
+from qalora.merging.surgery import shared_copy
+from qalora.merging.verify import verify_merge
 from qalora.patch import set_submodule
 from qalora.quantize import quantize_model
+
+REPORT_FILE = "merge_report.json"
 
 
 def dense_base_weight(base: nn.Module) -> torch.Tensor:
@@ -38,29 +41,38 @@ def dense_base_weight(base: nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
-def merge_lora_dense(layer: LoRALinear) -> nn.Linear:
-    """``nn.Linear`` with ``W + s · B A`` (fp32) and the base's bias."""
-    w = dense_base_weight(layer.base) + layer.scaling * (layer.lora_B.weight.float() @ layer.lora_A.weight.float())
-    bias = getattr(layer.base, "bias", None)
-    out = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None)
+def dense_linear(base: nn.Module, delta: torch.Tensor | None = None) -> nn.Linear:
+    """``nn.Linear`` with the base's dense fp32 weight (``+ delta``) and the base's bias."""
+    w = dense_base_weight(base)
+    if delta is not None:
+        w = w + delta
+    bias = getattr(base, "bias", None)
+    out = nn.Linear(base.in_features, base.out_features, bias=bias is not None)
     out.weight.data = w.contiguous()
     if bias is not None:
         out.bias.data = bias.detach().float().clone()
     return out
 
 
+def merge_lora_dense(layer: AdaptedLinear) -> nn.Linear:
+    """``nn.Linear`` with ``W + s · B A`` (fp32) and the base's bias, for a ``lora``-kind layer."""
+    if layer.kinds != ("lora",):
+        raise QaloraError(f"{layer.name} holds {'+'.join(layer.kinds)} adapters; the dense merge takes LoRA only")
+    return dense_linear(layer.base, dense_delta(layer))
+
+
 def merge_dense(adapted: nn.Module) -> tuple[nn.Module, list[str]]:
     """``(dense, names)``: a copy of ``adapted`` (sharing its unadapted tensors) with every
-    ``LoRALinear`` merged into an fp32 ``nn.Linear`` (``names``) and every NF4 layer without an
+    LoRA layer merged into an fp32 ``nn.Linear`` (``names``) and every NF4 layer without an
     adapter dequantized: the "merged in 16 bits" model of the LoRA/QLoRA baselines (kept in
     fp32 here). ``adapted`` itself is unchanged."""
     dense = shared_copy(adapted)  # shares every tensor; merging swaps modules, so ``adapted`` stays the reference
-    names = [n for n, m in dense.named_modules() if isinstance(m, LoRALinear)]
+    names = [n for n, m in dense.named_modules() if isinstance(m, AdaptedLinear)]
     for n in names:
         set_submodule(dense, n, merge_lora_dense(dense.get_submodule(n)))
     for n, m in list(dense.named_modules()):
         if type(m).__name__ == "NF4Linear":
-            set_submodule(dense, n, merge_lora_dense(LoRALinear(m, rank=1, alpha=0.0)))
+            set_submodule(dense, n, dense_linear(m))
     return dense, names
 
 
@@ -73,8 +85,8 @@ def requantize(model: str | os.PathLike | None, adapter_dir: str | os.PathLike, 
 
     check_new_output(out)
     adapted, tok, cfg = load_adapted(model, adapter_dir)
-    if cfg["method"] == "qalora":
-        raise QaloraError(f"adapter {str(adapter_dir)!r} is a QA-LoRA adapter: merge it exactly "
+    if cfg["method"] not in ("lora", "qlora"):
+        raise QaloraError(f"adapter {str(adapter_dir)!r} is a {cfg['method']!r} adapter: it merges exactly "
                           "(qalora merge without --requantize)")
     dense, names = merge_dense(adapted)
     calib = None

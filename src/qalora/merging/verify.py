@@ -3,12 +3,14 @@
 Three measurements, all on the same fixed prompts:
 
 * **weights** (fp64, per layer) — the merged dequantized weight against the adapted layer's
-  effective weight built independently from its parts::
+  effective weight, read off the adapted layer's own forward (not the merge's code): the layer in
+  fp64 applied to the identity matrix, bias removed::
 
-      W_eff[o, i] = scale[o, g] * q[o, i] + offset[o, g] + s * (B @ A)[o, g] / L     g = i // L
-      err[o, i]   = |W_merged[o, i] - W_eff[o, i]|  /  ulp_fp32(offset'[o, g])
+      W_eff       = (layer(I_in) - bias)^T                           # [out, in], every kind
+      err[o, i]   = |W_merged[o, i] - W_eff[o, i]|  /  ulp_fp32(offset'[o, g])     g = i // L
 
-  An exact merge leaves only the rounding of ``offset'`` to fp32: ``err <= 0.5`` ulp.
+  An exact merge leaves only the rounding of ``offset'`` to fp32: ``err <= 0.5`` ulp (codes
+  are integers and merged scales are the fp32 values the layer computes with).
 * **logits** — ``compare_logits`` on the fp32 reference kernel (the exactness figure) and on
   the int4 bf16 kernel (what runtimes execute).
 * **fp32 storage floor** — how far the merged model's fp64 logits move when every offset moves
@@ -30,7 +32,7 @@ from torch import nn
 
 from qalora.errors import QaloraError
 from qalora.kernels.int4 import int4_supports
-from qalora.nn.lora import QALoRALinear
+from qalora.adapters.layer import AdaptedLinear
 from qalora.nn.quant_linear import QuantLinear
 from qalora.patch import quant_layers, set_kernel
 
@@ -129,17 +131,24 @@ MAX_WEIGHT_ULPS = 0.5 + 1e-6
 
 
 @torch.no_grad()
-def layer_weight_error(adapted: QALoRALinear, merged: QuantLinear) -> tuple[float, float]:
-    """``(max abs error, max error in ulps of the fp32 merged offset)`` of one merged layer, fp64.
+def effective_weight(adapted: AdaptedLinear) -> torch.Tensor:
+    """``[out, in]`` fp64: what ``adapted`` multiplies its input by, from its own forward in fp64
+    (identity input, bias removed). Every parameter and buffer is restored afterwards."""
+    with float64(adapted):
+        eye = torch.eye(adapted.in_features, dtype=torch.float64, device=adapted.base.qweight.device)
+        y = adapted(eye)                                                                  # [in, out]
+        if adapted.base.bias is not None:
+            y = y - adapted.base.bias
+        return y.t().contiguous()
 
-    ``W_eff`` is built from the adapted layer's base buffers and its ``A [r, G]``, ``B [out, r]``
-    by repeating each group's delta over its ``L`` columns — not through ``merge_offsets``.
-    """
-    base, L = adapted.base, adapted.group_size
-    delta = (adapted.lora_B.weight.double() @ adapted.lora_A.weight.double()) * adapted.scaling / L  # [out, G]
-    w_eff = base.dequantized_weight(torch.float64) + delta.repeat_interleave(L, dim=1)               # [out, in]
-    err = (merged.dequantized_weight(torch.float64) - w_eff).abs()                                   # [out, in]
-    ulp = fp32_ulp(merged.offset).double()                                                           # [out, G]
+
+@torch.no_grad()
+def layer_weight_error(adapted: AdaptedLinear, merged: QuantLinear) -> tuple[float, float]:
+    """``(max abs error, max error in ulps of the fp32 merged offset)`` of one merged layer, fp64."""
+    L = adapted.group_size
+    w_eff = effective_weight(adapted)                                                    # [out, in]
+    err = (merged.dequantized_weight(torch.float64) - w_eff).abs()                       # [out, in]
+    ulp = fp32_ulp(merged.offset).double()                                               # [out, G]
     ulps = err / ulp.repeat_interleave(L, dim=1)
     return float(err.max()), float(ulps.max())
 

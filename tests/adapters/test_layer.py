@@ -2,11 +2,20 @@ import pytest
 import torch
 from torch import nn
 
+from qalora.adapters.layer import AdaptedLinear
+from qalora.config import LoraConfig
 from qalora.errors import QaloraError
-from qalora.nn.lora import LoRALinear, QALoRALinear
 from qalora.nn.quant_linear import QuantLinear
 from qalora.quant.rtn import rtn_quantize
 from qalora.quant.weight import QuantizedWeight
+
+
+def QALoRALinear(base, rank=64, alpha=16.0, name="layer"):
+    return AdaptedLinear(base, ("qalora",), LoraConfig(rank=rank, alpha=alpha), name=name)
+
+
+def LoRALinear(base, rank=64, alpha=16.0):
+    return AdaptedLinear(base, ("lora",), LoraConfig(rank=rank, alpha=alpha))
 
 
 def quant_layer(out=48, inp=128, bits=3, L=32, seed=0):
@@ -46,7 +55,7 @@ def test_qalora_adapter_is_a_per_group_offset():
 
 
 def test_qalora_refuses_a_dense_base():
-    with pytest.raises(QaloraError, match="QA-LoRA needs a group-wise affine quantized base layer .* at m.q"):
+    with pytest.raises(QaloraError, match="adapter kind 'qalora' needs a group-wise INTn QuantLinear .* at m.q, found Linear"):
         QALoRALinear(nn.Linear(64, 64), name="m.q")
 
 

@@ -1,0 +1,65 @@
+"""Training methods as lists of adapter kinds, and the base each trains on.
+
+    qalora   QA-LoRA offsets                         (+ scales with --train-scales)
+    peqa     trained scales (PEQA / E2E-QP)
+    lota     LoTA-QAF ternary code updates + offsets (+ QA-LoRA offsets with --with-qalora,
+                                                      + scales with --train-scales)
+    qlora    LoRA on an NF4 base (baseline, lossy merge)
+    lora     LoRA on the unquantized model (baseline, lossy merge)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qalora.errors import QaloraError
+
+
+@dataclass(frozen=True)
+class Method:
+    """``base``: ``quantized`` (a qalora checkpoint), ``nf4`` (the fp model, NF4 in memory) or
+    ``fp``; ``kinds``: always attached; ``options``: the ``LoraConfig`` switches it accepts,
+    each adding one kind (``FLAG_KINDS``)."""
+
+    name: str
+    base: str
+    kinds: tuple[str, ...]
+    options: tuple[str, ...] = ()
+    label: str = ""
+
+
+FLAG_KINDS = {"train_scales": "scales", "with_qalora": "qalora"}
+
+METHODS: dict[str, Method] = {
+    "qalora": Method("qalora", "quantized", ("qalora",), ("train_scales",), "QA-LoRA"),
+    "peqa": Method("peqa", "quantized", ("scales",), (), "PEQA (scales)"),
+    "lota": Method("lota", "quantized", ("lota",), ("train_scales", "with_qalora"), "LoTA-QAF"),
+    "qlora": Method("qlora", "nf4", ("lora",), (), "QLoRA"),
+    "lora": Method("lora", "fp", ("lora",), (), "LoRA"),
+}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise QaloraError(f"method {name!r} is unknown; use one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def method_kinds(method: str, lora) -> tuple[str, ...]:
+    """The kinds ``method`` attaches under ``lora``'s switches; refuses a switch the method does
+    not take (e.g. ``--with-qalora`` on ``qalora``), naming those it does."""
+    m = get_method(method)
+    kinds = list(m.kinds)
+    for flag, kind in FLAG_KINDS.items():
+        if getattr(lora, flag, False):
+            if flag not in m.options:
+                takes = ", ".join("--" + o.replace("_", "-") for o in m.options) or "none"
+                raise QaloraError(f"--{flag.replace('_', '-')} does not apply to method {method!r} "
+                                  f"(its switches: {takes})")
+            kinds.append(kind)
+    return tuple(kinds)
+
+
+def describe(kinds) -> str:
+    """A method name for a list of kinds (``lota+qalora``, ``qalora+scales``)."""
+    return "+".join(kinds)
