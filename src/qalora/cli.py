@@ -155,9 +155,19 @@ def cmd_pipeline(args) -> int:
 def cmd_reproduce(args) -> int:
     import shlex
 
+    from qalora.io import write_json
     from qalora.reproduce import reproduce, write_docs
 
-    summary = reproduce(args.out, args.budget, args.model, progress=not args.quiet)
+    summary = reproduce(args.out, args.budget, args.model, suite=args.suite, progress=not args.quiet)
+    if args.suite == "methods":
+        from qalora.reproduce.methods import methods_table
+
+        print(methods_table(summary["rows"]))
+        if args.docs:
+            path = Path(args.docs) / "methods.json"
+            write_json(path, summary)
+            print(f"wrote {path}")
+        return 0
     if args.docs:
         notes = Path(args.notes).read_text() if args.notes else ""
         command = "qalora " + " ".join(shlex.quote(a) for a in args.argv)
@@ -248,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", default="default", help="local HF model folder, or 'default' (embedded SmolLM2-135M)")
     r.add_argument("--budget", choices=["small", "full", "smoke"], default="small",
                    help="small: subsets + 100 steps (~2 h on 2 CPU cores); full: everything (a GPU); smoke: minutes")
+    r.add_argument("--suite", choices=["paper", "methods"], default="paper",
+                   help="paper: Table 1 rows, evaluated; methods: every exact method vs QA-LoRA and QLoRA w/ GPTQ "
+                        "on the held-out instruction loss")
     r.add_argument("--out", default="qalora-reproduce", help="work folder (bases, adapters, models, row results)")
     r.add_argument("--docs", default=None, help="also write RESULTS.md, results.json, results.png into this folder")
     r.add_argument("--notes", default=None, help="a Markdown file appended to RESULTS.md as its discussion")

@@ -122,11 +122,16 @@ def test_resume_is_exact(tmp_path, q_dir, data_file):
     assert (full / "metrics.jsonl").read_text().count("\n") == (part / "metrics.jsonl").read_text().count("\n")
 
 
-def test_resume_after_sigkill_is_exact(tmp_path, q_dir, data_file):
-    """Kill a training process after its first checkpoint, resume it, compare with a full run."""
-    args = [sys.executable, "-m", "qalora", "train", "--model", str(q_dir), "--data", data_file, "--steps", "8",
+@pytest.mark.parametrize("method", [["qalora"], ["qalora", "--train-scales"], ["peqa"], ["lota", "--lota-omega", "1"],
+                                    ["lota", "--with-qalora", "--lota-omega", "1"], ["qlora"]],
+                         ids=["qalora", "qalora+scales", "peqa", "lota", "lota+qalora", "qlora"])
+def test_resume_after_sigkill_is_exact(tmp_path, fp_dir, q_dir, data_file, method):  # fp_dir first: q_dir quantizes the shared tiny model in place
+    """Kill a training process after its first checkpoint, resume it, compare with a full run:
+    every kind's parameters and optimizer state (AdamW, t-SignSGD's schedule) come back exactly."""
+    model = fp_dir if method[0] == "qlora" else q_dir
+    args = [sys.executable, "-m", "qalora", "train", "--model", str(model), "--data", data_file, "--steps", "8",
             "--batch-size", "4", "--lr", "1e-2", "--max-seq-len", "64", "--eval-every", "4", "--save-every", "2",
-            "--eval-batches", "2", "--rank", "4", "--alpha", "8", "--quiet"]
+            "--eval-batches", "2", "--rank", "4", "--alpha", "8", "--quiet", "--method", *method]
     full = tmp_path / "full"
     subprocess.run(args + ["--out", str(full)], check=True, capture_output=True)
     killed = tmp_path / "killed"
@@ -139,7 +144,9 @@ def test_resume_after_sigkill_is_exact(tmp_path, q_dir, data_file):
     assert not (killed / "adapter.safetensors").exists(), "the run finished before it could be killed"
     subprocess.run(args + ["--out", str(killed), "--resume"], check=True, capture_output=True)
     a, b = load_file(str(full / "adapter.safetensors")), load_file(str(killed / "adapter.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert any(t.abs().sum() > 0 for k, t in a.items() if "lora_B" in k or "log_scale" in k or "lota_B" in k)
 
 
 def test_gradient_checkpointing_gives_the_same_adapter(tmp_path, q_dir, data_file):

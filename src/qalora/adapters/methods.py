@@ -15,6 +15,12 @@ from dataclasses import dataclass
 from qalora.errors import QaloraError
 
 
+def ordered(kinds) -> tuple[str, ...]:
+    from qalora.adapters.kinds.registry import ordered as in_registry_order  # torch-free import of this module
+
+    return in_registry_order(kinds)
+
+
 @dataclass(frozen=True)
 class Method:
     """``base``: ``quantized`` (a qalora checkpoint), ``nf4`` (the fp model, NF4 in memory) or
@@ -57,9 +63,4 @@ def method_kinds(method: str, lora) -> tuple[str, ...]:
                 raise QaloraError(f"--{flag.replace('_', '-')} does not apply to method {method!r} "
                                   f"(its switches: {takes})")
             kinds.append(kind)
-    return tuple(kinds)
-
-
-def describe(kinds) -> str:
-    """A method name for a list of kinds (``lota+qalora``, ``qalora+scales``)."""
-    return "+".join(kinds)
+    return ordered(kinds)

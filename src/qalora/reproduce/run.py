@@ -57,7 +57,9 @@ class Workspace:
                                                        calib_samples=self.b.calib_samples), progress=self.progress)
         return path
 
-    def adapter(self, method: str, base: Path, name: str) -> tuple[Path, dict]:
+    def adapter(self, method: str, base: Path, name: str, **switches) -> tuple[Path, dict]:
+        """Train (or reuse) adapter ``name`` of ``method`` on ``base``; ``switches`` are
+        ``LoraConfig`` options such as ``train_scales`` or ``with_qalora``."""
         from qalora.adapters.format import ADAPTER_CONFIG, read_adapter_config
         from qalora.training.loop import RUN_FILE, train
 
@@ -68,7 +70,7 @@ class Workspace:
                               lr=b.lr, seed=b.seed, eval_every=b.steps, save_every=max(1, b.steps // 4))
             _say(f"train {name} ({method}, {b.steps} steps)", self.progress)
             path.parent.mkdir(exist_ok=True)
-            train(base, path, cfg, LoraConfig(rank=b.rank, alpha=b.alpha), resume=(path / RUN_FILE).is_file(),
+            train(base, path, cfg, LoraConfig(rank=b.rank, alpha=b.alpha, **switches), resume=(path / RUN_FILE).is_file(),
                   progress=self.progress)
         return path, read_adapter_config(path)
 
@@ -202,9 +204,16 @@ def machine() -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+SUITES = ("paper", "methods")
+
+
 def reproduce(out: str | os.PathLike = "qalora-reproduce", budget: str = "small", model: str = "default", *,
-              rows: list[Row] | None = None, progress: bool = True) -> dict:
-    """Run (or resume) every row under ``out``; returns and writes ``out/results.json``."""
+              rows: list[Row] | None = None, suite: str = "paper", progress: bool = True) -> dict:
+    """Run (or resume) every row of ``suite`` under ``out``; returns and writes
+    ``out/results.json`` (paper: :mod:`qalora.reproduce.plan`) or ``out/methods.json``
+    (methods: :mod:`qalora.reproduce.methods`). Both suites can share one ``out``."""
+    if suite not in SUITES:
+        raise QaloraError(f"suite {suite!r} is unknown; use one of: {', '.join(SUITES)}")
     b = get_budget(budget)
     root = work_dir(out)
     plan = {"budget": b.name, "model": str(model), "budget_settings": {k: v for k, v in vars(b).items()}}
@@ -216,6 +225,15 @@ def reproduce(out: str | os.PathLike = "qalora-reproduce", budget: str = "small"
     else:
         write_json(root / "plan.json", plan)
     ws = Workspace(root, model, b, progress)
+    if suite == "methods":
+        from qalora.reproduce.methods import run_methods
+
+        t0 = time.time()
+        done = run_methods(ws, say=lambda m: _say(m, progress))
+        summary = {**plan, "suite": "methods", "machine": machine(), "rows": done,
+                   "seconds_this_call": round(time.time() - t0, 1)}
+        write_json(root / "methods.json", summary)
+        return summary
     rows = rows if rows is not None else plan_rows()
     t0 = time.time()
     done = []

@@ -1,0 +1,148 @@
+"""``qalora reproduce --suite methods``: every exactly mergeable method beside QA-LoRA and the
+re-quantized QLoRA baseline, on the training objective.
+
+Rows per grid (GPTQ bases at INT4 g64, INT3 g32, INT2 g32; same data, steps, rank, learning rate
+and seed for every tuned row)::
+
+    gptq            the quantized base, untuned: the step-0 held-out loss of every method below
+    qalora          QA-LoRA offsets
+    qalora+scales   QA-LoRA offsets + trained scales (E2E-QP style)
+    peqa            trained scales only
+    lota            LoTA-QAF ternary code moves + float remainder, t-SignSGD
+    lota+qalora     LoTA-QAF + QA-LoRA offsets
+    qlora+gptq      QLoRA (NF4 + LoRA) merged in 16 bits, then GPTQ again (lossy)
+
+Every tuned row is merged (exactly, verified; or re-quantized for ``qlora+gptq``) and the
+*merged* model's held-out instruction loss is measured (fp32, every held-out example). What the
+merge changed (codes moved, scales changed) and its fp64 error are recorded beside it. The
+benchmark accuracy of these rows is the accuracy suite's job; this one compares the objective.
+
+Work folder layout as the paper suite's (``bases/``, ``adapters/``, ``models/``, ``rows/``);
+rows are cached, so a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass, field
+
+from qalora.io import read_json, write_json
+
+GRIDS = ((3, 32), (4, 64), (2, 32))
+
+
+@dataclass(frozen=True)
+class MethodRow:
+    """``name``: row name; ``method`` and ``switches``: what ``qalora train`` gets."""
+
+    name: str
+    method: str | None
+    switches: dict = field(default_factory=dict)
+    label: str = ""
+
+
+METHOD_ROWS = (
+    MethodRow("gptq", None, label="GPTQ, no tuning (step 0)"),
+    MethodRow("qalora", "qalora", label="QA-LoRA"),
+    MethodRow("qalora+scales", "qalora", {"train_scales": True}, label="QA-LoRA + scales"),
+    MethodRow("peqa", "peqa", label="PEQA (scales)"),
+    MethodRow("lota", "lota", label="LoTA-QAF"),
+    MethodRow("lota+qalora", "lota", {"with_qalora": True}, label="LoTA-QAF + QA-LoRA"),
+    MethodRow("qlora+gptq", "qlora", label="QLoRA w/ GPTQ (lossy)"),
+)
+
+
+def row_id(row: MethodRow, bits: int, group: int) -> str:
+    return f"{row.name}-int{bits}-g{group}"
+
+
+def _merge_row(ws, row: MethodRow, bits: int, group: int):
+    """``(merged checkpoint, merge report, adapter config)`` of a tuned row (cached)."""
+    from qalora.config import QuantConfig
+    from qalora.merging.command import REPORT_FILE, merge
+    from qalora.merging.requantize import requantize
+
+    rid = row_id(row, bits, group)
+    base = ws.base("gptq", bits, group)
+    if row.method == "qlora":
+        adir, acfg = ws.adapter("qlora", ws.fp_folder, "qlora")
+    else:
+        adir, acfg = ws.adapter(row.method, base, rid, **row.switches)
+    path = ws.root / "models" / rid
+    if not (path / REPORT_FILE).is_file():
+        path.parent.mkdir(exist_ok=True)
+        if row.method == "qlora":
+            requantize(ws.fp_folder, adir, path, QuantConfig(bits=bits, group_size=group, method="gptq",
+                                                             calib_samples=ws.b.calib_samples), progress=ws.progress)
+        else:
+            merge(base, adir, path, progress=ws.progress)
+    return path, read_json(path / REPORT_FILE, "merge report"), acfg
+
+
+def method_row(ws, row: MethodRow, bits: int, group: int) -> dict:
+    """The row's record (cached under ``rows/``)."""
+    from qalora.checkpoint import load
+    from qalora.models import load_tokenizer
+
+    rid = row_id(row, bits, group)
+    cached = ws.root / "rows" / f"{rid}.json"
+    if cached.is_file():
+        return read_json(cached, "row result")
+    t0 = time.time()
+    rec = {"id": rid, "row": row.name, "label": row.label, "method": row.method, "switches": row.switches,
+           "bits": bits, "group_size": group}
+    if row.method is None:
+        path = ws.base("gptq", bits, group)
+    else:
+        path, report, acfg = _merge_row(ws, row, bits, group)
+        c = report.get("changes", {})
+        rec.update({"kinds": acfg["kinds"], "trainable_parameters": acfg["trainable_parameters"],
+                    "adapter_state_bits": acfg.get("adapter_state_bits"), "train_steps": acfg["steps"],
+                    "train_seconds": round(acfg["seconds_per_step"] * acfg["steps"], 1),
+                    "compute": acfg.get("compute"),
+                    "val_loss_start": acfg.get("val_loss_start"), "val_loss_end": acfg.get("val_loss_end"),
+                    "merge": {"lossy": bool(report.get("lossy")),
+                              "fp64_max_abs_logit_diff": report.get("fp64_max_abs_logit_diff"),
+                              "fp32_max_abs_logit_diff": (report.get("reference") or {}).get("max_abs_logit_diff"),
+                              "max_weight_err_ulps": (report.get("weights") or {}).get("max_weight_err_ulps"),
+                              "top1_agreement": (report.get("reference") or {}).get("top1_agreement"),
+                              "codes_changed_fraction": c.get("codes_changed_fraction"),
+                              "scales_changed_fraction": c.get("scales_changed_fraction"),
+                              "max_rel_scale_change": c.get("max_rel_scale_change")}})
+    model, tok = load(path, kernel="dense"), load_tokenizer(path)
+    rec["heldout_loss"] = ws.heldout_loss(model, tok)
+    del model
+    gc.collect()
+    rec["seconds"] = round(time.time() - t0, 1)
+    cached.parent.mkdir(exist_ok=True)
+    write_json(cached, rec)
+    return rec
+
+
+def methods_table(rows: list[dict]) -> str:
+    """A Markdown table: one line per method, held-out loss per grid (step 0 = the GPTQ base)."""
+    grids = [(b, g) for b, g in GRIDS if any(r["bits"] == b and r["group_size"] == g for r in rows)]
+    by = {(r["row"], r["bits"], r["group_size"]): r for r in rows}
+    head = "| method | " + " | ".join(f"INT{b} g{g}" for b, g in grids) + " | codes moved (INT3 g32) | trainable |"
+    lines = [head, "|" + "---|" * (len(grids) + 3)]
+    for row in METHOD_ROWS:
+        cells = []
+        for b, g in grids:
+            r = by.get((row.name, b, g))
+            cells.append("-" if r is None else f"{r['heldout_loss']:.3f}")
+        r3 = by.get((row.name, 3, 32)) or next((r for r in rows if r["row"] == row.name), None)
+        moved = "-" if r3 is None or not r3.get("merge") or r3["merge"].get("codes_changed_fraction") is None \
+            else f"{100 * r3['merge']['codes_changed_fraction']:.2f} %"
+        params = "-" if r3 is None or "trainable_parameters" not in r3 else f"{r3['trainable_parameters'] / 1e6:.2f} M"
+        lines.append(f"| {row.label} | " + " | ".join(cells) + f" | {moved} | {params} |")
+    return "\n".join(lines)
+
+
+def run_methods(ws, grids=GRIDS, rows=METHOD_ROWS, say=print) -> list[dict]:
+    done = []
+    for bits, group in grids:
+        for row in rows:
+            say(f"methods: {row_id(row, bits, group)}")
+            done.append(method_row(ws, row, bits, group))
+    return done
