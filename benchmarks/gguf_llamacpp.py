@@ -29,6 +29,29 @@ TEXTS = [
 ]
 
 
+def compare(model, tok, llm, kernels=("reference", "int4")) -> tuple[list[dict], bool]:
+    """``(rows, same_tokens)``: llama.cpp's logits vs qalora's on ``TEXTS``, per qalora kernel."""
+    from qalora.patch import set_kernel
+
+    rows, same_tokens = [], True
+    for text in TEXTS:
+        ids = tok(text)["input_ids"]
+        same_tokens &= llm.tokenize(text.encode(), add_bos=False, special=True) == ids
+        llm.reset()
+        llm.eval(ids)
+        ll = torch.tensor(np.array(llm.scores[: len(ids)]), dtype=torch.float32)
+        with torch.no_grad():
+            for kernel in kernels:
+                set_kernel(model, kernel)
+                q = model(torch.tensor([ids])).logits[0]
+                d = (ll - q).abs()
+                rows.append({"kernel": kernel, "positions": len(ids), "top1": float((ll.argmax(-1) == q.argmax(-1)).float().mean()),
+                             "mean_abs_diff": float(d.mean()), "max_abs_diff": float(d.max()),
+                             "last_top1_equal": bool(ll[-1].argmax() == q[-1].argmax())})
+    set_kernel(model, "auto")
+    return rows, same_tokens
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True, help="qalora checkpoint the GGUF was exported from")
@@ -39,30 +62,14 @@ def main() -> None:
     from llama_cpp import Llama
 
     import qalora
-    from qalora.patch import set_kernel
 
     model, tok = qalora.load_model_and_tokenizer(args.model)
     llm = Llama(model_path=args.gguf, n_ctx=512, logits_all=True, verbose=False, n_threads=2)
-    rows, same_tokens = [], True
-    for text in TEXTS:
-        ids = tok(text)["input_ids"]
-        same_tokens &= llm.tokenize(text.encode(), add_bos=False, special=True) == ids
-        llm.reset()
-        llm.eval(ids)
-        ll = torch.tensor(np.array(llm.scores[: len(ids)]), dtype=torch.float32)
-        with torch.no_grad():
-            for kernel in ("reference", "int4"):
-                set_kernel(model, kernel)
-                q = model(torch.tensor([ids])).logits[0]
-                d = (ll - q).abs()
-                rows.append({"kernel": kernel, "positions": len(ids), "top1": float((ll.argmax(-1) == q.argmax(-1)).float().mean()),
-                             "mean_abs_diff": float(d.mean()), "max_abs_diff": float(d.max()),
-                             "last_top1_equal": bool(ll[-1].argmax() == q[-1].argmax())})
+    rows, same_tokens = compare(model, tok, llm)
     t = time.time()
     msgs = [{"role": "user", "content": args.prompt}]
     answer = llm.create_chat_completion(messages=msgs, max_tokens=32, temperature=0.0)["choices"][0]["message"]["content"]
     llama_s = time.time() - t
-    set_kernel(model, "auto")
     ours = qalora.generate(model, tok, args.prompt, max_new_tokens=32, chat=True)
     print(f"llama.cpp tokenizes like the HF tokenizer: {same_tokens}")
     print(f"{'qalora kernel':<14} {'positions':>9} {'top-1':>6} {'mean|d|':>8} {'max|d|':>7} {'last top-1 =':>12}")

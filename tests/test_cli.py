@@ -17,6 +17,17 @@ def run(*args, cwd=None):
     (["quantize", "--method", "awq", "--out", "x"], "method 'awq' is unknown"),
     (["quantize", "--model", "no/such/folder", "--out", "x"], "model 'no/such/folder' is not a local folder"),
     (["eval", "--model", "no/such/folder"], "model 'no/such/folder' is not a local folder"),
+    (["train", "--out", "a", "--method", "peqa", "--with-qalora"],
+     "--with-qalora does not apply to method 'peqa' (its switches: none)"),
+    (["train", "--out", "a", "--method", "qalora", "--with-qalora"],
+     "--with-qalora does not apply to method 'qalora' (its switches: --train-scales)"),
+    (["train", "--out", "a", "--method", "dora"], "method 'dora' is unknown; use one of qalora, peqa, lota, qlora, lora"),
+    (["train", "--out", "a", "--method", "lota", "--lota-omega", "0"], "lota_omega 0.0 must be positive"),
+    (["train", "--out", "a", "--tsign-start", "0.99", "--tsign-mid", "0.9"], "t-SignSGD quantiles 0.99, 0.9, 0.9999 must rise"),
+    (["merge", "--model", "q", "--adapter", "a", "--out", "m", "--bits", "2"],
+     "--bits and --group-size apply with --requantize only"),
+    (["merge", "--model", "q", "--adapter", "a", "--out", "m", "--requantize", "gptq", "--tolerance", "1e-3"],
+     "--tolerance and --no-noise-floor gate the exact merge"),
 ])
 def test_bad_input_one_line(tmp_path, args, message):
     r = run(*args, cwd=tmp_path)

@@ -352,3 +352,59 @@ def test_merge_error_beyond_tolerance_in_fp64_writes_nothing(files, monkeypatch)
     with pytest.raises(QaloraError, match=r"2.00e-04 \(fp64\) exceeds the tolerance 0.0001"):
         merge(files / "q4", files / "adapter", out, progress=False)
     _no_output(out)
+
+
+@pytest.mark.parametrize("method, switches", [("peqa", {}), ("qalora", {"train_scales": True}),
+                                              ("lota", {"lota_omega": 1.0}), ("lota", {"with_qalora": True, "lota_omega": 1.0})],
+                         ids=["peqa", "qalora+scales", "lota", "lota+qalora"])
+def test_every_exact_method_merges_end_to_end(files, method, switches):
+    data = files / "data.jsonl"
+    run = dict(data=str(data), batch_size=4, lr=1e-2, max_seq_len=64, eval_every=3, save_every=3, eval_batches=1)
+    name = method + "".join(f"-{k}" for k in switches)
+    adir, out = files / f"a-{name}", files / f"m-{name}"
+    cfg = train(files / "q4", adir, TrainConfig(method=method, steps=3, **run), LoraConfig(rank=4, alpha=8, **switches),
+                progress=False)
+    report = merge(files / "q4", adir, out, progress=False)
+    c = report["changes"]
+    assert report["kinds"] == cfg["kinds"] and report["weights"]["max_weight_err_ulps"] <= 0.5 + 1e-6
+    assert (c["codes_changed"] > 0) == (method == "lota") and (c["scales_changed"] > 0) == ("scales" in cfg["kinds"])
+    assert report["fp64_max_abs_logit_diff"] <= report["fp64_tolerance"]
+    merged = load(out, kernel="reference")  # loads (hash verified) as a plain quantized model
+    assert not any(isinstance(m, AdaptedLinear) for m in merged.modules())
+    # refusals: the lossy path, another base, a corrupted ternary tensor, kinds that are not the method's
+    with pytest.raises(QaloraError, match=f"is a '{method}' adapter: it merges exactly"):
+        from qalora.merging.requantize import requantize
+        requantize(files / "fp", adir, files / "never", QuantConfig(bits=4, method="rtn"), progress=False)
+    with pytest.raises(QaloraError, match="trained on another base"):
+        merge(files / "other", adir, files / "never", progress=False)
+    _no_output(files / "never")
+
+
+def test_corrupt_adapters_are_refused(files, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from qalora.adapters.format import read_adapter
+
+    run = dict(data=str(files / "data.jsonl"), batch_size=4, lr=1e-2, max_seq_len=64, eval_every=1, save_every=1,
+               eval_batches=1)
+    adir = tmp_path / "lota"
+    train(files / "q4", adir, TrainConfig(method="lota", steps=1, **run), LoraConfig(rank=4, alpha=8), progress=False)
+    cfg = json.loads((adir / "adapter_config.json").read_text())
+    bad = tmp_path / "bad"
+    shutil.copytree(adir, bad)
+    state = load_file(str(adir / "adapter.safetensors"))
+    key = next(k for k in state if k.endswith("lota_A"))
+    save_file({**state, key: state[key] * 2}, str(bad / "adapter.safetensors"))
+    with pytest.raises(QaloraError, match=f"adapter tensor {key} .* is ternary but holds values other than -1, 0, 1"):
+        read_adapter(bad)
+    (bad / "adapter_config.json").write_text(json.dumps({**cfg, "kinds": ["lota", "scales"]}))
+    with pytest.raises(QaloraError, match="do not match its config: missing \\['model.layers.0.mlp.down_proj.log_scale'"):
+        read_adapter(bad)
+    (bad / "adapter_config.json").write_text(json.dumps({**cfg, "kinds": ["qalora"]}))
+    with pytest.raises(QaloraError, match="kinds \\['qalora'\\] are not those of method 'lota'"):
+        read_adapter(bad)
+    (bad / "adapter_config.json").write_text(json.dumps({**cfg, "format_version": 1}))
+    with pytest.raises(QaloraError, match="has format_version 1; this qalora reads version 2"):
+        read_adapter(bad)

@@ -79,11 +79,20 @@ def cmd_merge(args) -> int:
         from qalora.config import QuantConfig
         from qalora.merging.requantize import requantize
 
-        config = QuantConfig(bits=args.bits, group_size=args.group_size, method=args.requantize)
+        if args.tolerance is not None or args.no_noise_floor:
+            raise QaloraError("--tolerance and --no-noise-floor gate the exact merge; the --requantize path is lossy "
+                              "and reports its error instead")
+        defaults = QuantConfig()
+        config = QuantConfig(bits=args.bits if args.bits is not None else defaults.bits,
+                             group_size=args.group_size if args.group_size is not None else defaults.group_size,
+                             method=args.requantize)
         requantize(args.model, args.adapter, args.out, config, progress=not args.quiet)
         return 0
     from qalora.merging.command import merge
 
+    if args.bits is not None or args.group_size is not None:
+        raise QaloraError("--bits and --group-size apply with --requantize only: an exact merge keeps the grid of "
+                          "the checkpoint the adapter was trained on")
     merge(args.model, args.adapter, args.out, tolerance=args.tolerance, noise_floor=not args.no_noise_floor,
           progress=not args.quiet)
     return 0
@@ -190,9 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(q, QuantConfig)
     q.set_defaults(func=cmd_quantize)
 
-    t = sub.add_parser("train", help="train QA-LoRA (or the QLoRA / LoRA baselines) adapters")
+    t = sub.add_parser("train", help="train adapters: QA-LoRA, PEQA scales, LoTA-QAF codes (exact merges), or the "
+                                     "QLoRA / LoRA baselines")
     t.add_argument("--model", default="default",
-                   help="qalora checkpoint for --method qalora; HF folder or 'default' for qlora and lora")
+                   help="qalora checkpoint for qalora/peqa/lota; HF folder or 'default' for qlora and lora")
     t.add_argument("--out", required=True, help="adapter folder (new, or an interrupted run with --resume)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -200,9 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(t, LoraConfig)
     t.set_defaults(func=cmd_train)
 
-    m = sub.add_parser("merge", help="fold a QA-LoRA adapter into the quantized offsets exactly, and verify")
+    m = sub.add_parser("merge", help="fold an adapter (qalora, peqa, lota) into the quantized weights exactly, and verify")
     m.add_argument("--model", required=True, help="the qalora checkpoint the adapter was trained on")
-    m.add_argument("--adapter", required=True, help="adapter folder written by qalora train --method qalora")
+    m.add_argument("--adapter", required=True, help="adapter folder written by qalora train")
     m.add_argument("--out", required=True, help="new folder for the merged checkpoint (+ merge_report.json)")
     m.add_argument("--tolerance", type=float, default=None,
                    help="max |logit diff| of merged vs unmerged, both run in fp64 (default 1e-4); the fp32 "
@@ -212,8 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "held to --tolerance")
     m.add_argument("--requantize", choices=["rtn", "gptq"],
                    help="LOSSY baseline path for lora/qlora adapters: merge in fp32, then quantize again")
-    m.add_argument("--bits", type=int, default=QuantConfig.bits, help="with --requantize: bits of the new codes")
-    m.add_argument("--group-size", type=int, default=QuantConfig.group_size, help="with --requantize: group size")
+    m.add_argument("--bits", type=int, default=None,
+                   help=f"with --requantize: bits of the new codes (default {QuantConfig.bits})")
+    m.add_argument("--group-size", type=int, default=None,
+                   help=f"with --requantize: group size (default {QuantConfig.group_size})")
     m.add_argument("--quiet", action="store_true")
     m.set_defaults(func=cmd_merge)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qalora.adapters.format import ADAPTER_FILE, load_adapted
+from qalora.adapters.format import ADAPTER_FILE, load_adapted, read_adapter_config
 from qalora.adapters.kinds.lora import dense_delta
 from qalora.adapters.layer import AdaptedLinear
 from qalora.checkpoint import write_checkpoint
@@ -84,10 +84,11 @@ def requantize(model: str | os.PathLike | None, adapter_dir: str | os.PathLike, 
     from qalora.data.text import calibration_batch
 
     check_new_output(out)
-    adapted, tok, cfg = load_adapted(model, adapter_dir)
-    if cfg["method"] not in ("lora", "qlora"):
-        raise QaloraError(f"adapter {str(adapter_dir)!r} is a {cfg['method']!r} adapter: it merges exactly "
+    method = read_adapter_config(adapter_dir)["method"]
+    if method not in ("lora", "qlora"):
+        raise QaloraError(f"adapter {str(adapter_dir)!r} is a {method!r} adapter: it merges exactly "
                           "(qalora merge without --requantize)")
+    adapted, tok, cfg = load_adapted(model, adapter_dir)
     dense, names = merge_dense(adapted)
     calib = None
     if config.method == "gptq":
