@@ -55,3 +55,27 @@ def test_cli_defaults_come_from_the_dataclass():
     d = QuantConfig()
     assert (args.bits, args.group_size, args.method, args.calib_samples, tuple(args.skip), args.true_sequential) == \
         (d.bits, d.group_size, d.method, d.calib_samples, d.skip, d.true_sequential)
+
+
+@pytest.mark.parametrize("command", ["quantize", "train", "merge", "export", "pipeline", "reproduce", "eval", "generate"])
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([command, "--help"])
+    assert e.value.code == 0 and f"usage: qalora {command}" in capsys.readouterr().out
+
+
+def test_generated_options_read_their_dataclasses():
+    from qalora.config import LoraConfig, PipelineConfig, TrainConfig
+    from qalora.eval.evaluate import EvalOptions
+
+    p = build_parser()
+    pl = p.parse_args(["pipeline"])
+    d = PipelineConfig()
+    assert (pl.bits, pl.steps, pl.group_size, pl.quant_method, pl.export, pl.speed_tokens) == \
+        (d.bits, d.steps, d.group_size, d.quant_method, d.export, d.speed_tokens)
+    assert PipelineConfig().train_config().steps == d.steps and PipelineConfig().lora_config().rank == LoraConfig.rank
+    t = p.parse_args(["train", "--out", "a"])
+    assert (t.method, t.train_scales, t.with_qalora, t.lota_omega, t.tsign_start) == \
+        (TrainConfig.method, False, False, None, TrainConfig.tsign_start)
+    ev = p.parse_args(["eval"])
+    assert (ev.limit, ev.shots, ev.windows) == (EvalOptions.limit, EvalOptions.shots, EvalOptions.windows)

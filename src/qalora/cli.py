@@ -145,18 +145,14 @@ def cmd_generate(args) -> int:
 
 
 def cmd_pipeline(args) -> int:
-    from qalora.config import LoraConfig, QuantConfig, TrainConfig
+    from qalora.config import PipelineConfig
     from qalora.pipeline import format_table, pipeline
 
-    quant = QuantConfig(bits=args.bits, group_size=args.group_size, method=args.quant_method,
-                        calib_samples=args.calib_samples)
-    train_cfg = TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, max_seq_len=args.max_seq_len,
-                            data=args.data, eval_every=max(1, args.steps // 2), save_every=max(1, args.steps // 2),
-                            seed=args.seed)
-    summary = pipeline(args.model, args.out, quant=quant, lora=LoraConfig(rank=args.rank), train_cfg=train_cfg,
-                       export=not args.no_export, speed_tokens=args.speed_tokens, progress=not args.quiet)
+    c = dataclass_from_args(PipelineConfig, args)
+    summary = pipeline(args.model, args.out, quant=c.quant_config(), lora=c.lora_config(), train_cfg=c.train_config(),
+                       export=c.export, speed_tokens=c.speed_tokens, progress=not args.quiet)
     print(format_table(summary))
-    print(f"stages in {args.out}: quantized/ adapter/ merged/{' model.gguf' if not args.no_export else ''} "
+    print(f"stages in {args.out}: quantized/ adapter/ merged/{' model.gguf' if c.export else ''} "
           f"pipeline.json")
     return 0
 
@@ -186,7 +182,7 @@ def cmd_reproduce(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from qalora.config import LoraConfig, QuantConfig, TrainConfig
+    from qalora.config import LoraConfig, PipelineConfig, QuantConfig, TrainConfig
     from qalora.kernels.registry import KERNEL_CHOICES
 
     p = argparse.ArgumentParser(prog="qalora", description="Quantization-aware LoRA for group-wise quantized LLMs")
@@ -246,19 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "-> GGUF export -> one table; rerun to resume")
     pl.add_argument("--model", default="default", help="local HF model folder, or 'default' (embedded SmolLM2-135M)")
     pl.add_argument("--out", default="qalora-pipeline", help="folder for every stage's output (reused if rerun)")
-    pl.add_argument("--bits", type=int, default=3, help="bits per weight code: 2, 3, 4 or 8")
-    pl.add_argument("--group-size", type=int, default=32, help="input columns per quantization group")
-    pl.add_argument("--quant-method", choices=["gptq", "rtn"], default="gptq")
-    pl.add_argument("--calib-samples", type=int, default=QuantConfig.calib_samples, help="GPTQ calibration sequences")
-    pl.add_argument("--steps", type=int, default=100, help="QA-LoRA optimizer steps")
-    pl.add_argument("--lr", type=float, default=TrainConfig.lr)
-    pl.add_argument("--rank", type=int, default=LoraConfig.rank)
-    pl.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    pl.add_argument("--max-seq-len", type=int, default=TrainConfig.max_seq_len)
-    pl.add_argument("--data", default="default", help="'default' (packaged instruction mixture) or a JSON/JSONL file")
-    pl.add_argument("--seed", type=int, default=0)
-    pl.add_argument("--speed-tokens", type=int, default=64, help="tokens decoded to time merged vs unmerged")
-    pl.add_argument("--no-export", action="store_true", help="skip the GGUF export")
+    add_dataclass_args(pl, PipelineConfig)
     pl.add_argument("--quiet", action="store_true")
     pl.set_defaults(func=cmd_pipeline)
 
@@ -285,10 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--adapter", help="adapter folder from qalora train, applied unmerged on --model")
     e.add_argument("--tasks", nargs="+", default=["perplexity"],
                    help=f"comma- or space-separated: {', '.join(registry())} (default: perplexity)")
-    for f in dataclasses.fields(EvalOptions):  # --shots --limit --seed --subset --batch-size ... from EvalOptions
-        kind = str if f.name == "subset" else int
-        e.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=f.default,
-                       help=f"{f.metadata['help']} (default: {f.default})")
+    add_dataclass_args(e, EvalOptions)  # --shots --limit --seed --subset --batch-size ...
     e.add_argument("--kernel", default="auto", choices=KERNEL_CHOICES)
     e.add_argument("--out", help="write results as JSON to this new file")
     e.add_argument("--quiet", action="store_true")

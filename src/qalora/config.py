@@ -178,3 +178,43 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class PipelineConfig:
+    """The main job (``qalora pipeline``): quantize with GPTQ, train QA-LoRA, merge exactly, export.
+    Its own defaults (INT3 g32, 100 steps) live here; everything else is read from the configs above.
+
+    Attributes:
+        bits, group_size, quant_method, calib_samples: the quantized base (``QuantConfig``).
+        steps, lr, rank, batch_size, max_seq_len, data, seed: the QA-LoRA run (``TrainConfig``,
+            ``LoraConfig``); validation and checkpoints at half and at the end.
+        speed_tokens: tokens decoded to time the merged model against the unmerged one.
+        export: write ``model.gguf`` (llama.cpp).
+    """
+
+    bits: int = field(default=3, metadata={"help": "bits per weight code: 2, 3, 4 or 8"})
+    group_size: int = field(default=QuantConfig.group_size, metadata={"help": "input columns per quantization group"})
+    quant_method: str = field(default=QuantConfig.method, metadata={"help": "rtn or gptq"})
+    calib_samples: int = field(default=QuantConfig.calib_samples, metadata={"help": "GPTQ calibration sequences"})
+    steps: int = field(default=100, metadata={"help": "QA-LoRA optimizer steps"})
+    lr: float = field(default=TrainConfig.lr, metadata={"help": "learning rate"})
+    rank: int = field(default=LoraConfig.rank, metadata={"help": "adapter rank r"})
+    batch_size: int = field(default=TrainConfig.batch_size, metadata={"help": "sequences per micro-batch"})
+    max_seq_len: int = field(default=TrainConfig.max_seq_len, metadata={"help": "tokens per training sequence"})
+    data: str = field(default=TrainConfig.data, metadata={"help": "'default' (packaged mixture) or a JSON/JSONL file"})
+    seed: int = field(default=TrainConfig.seed, metadata={"help": "seed for init, dropout and data order"})
+    speed_tokens: int = field(default=64, metadata={"help": "tokens decoded to time merged vs unmerged"})
+    export: bool = field(default=True, metadata={"help": "write the GGUF for llama.cpp"})
+
+    def quant_config(self) -> QuantConfig:
+        return QuantConfig(bits=self.bits, group_size=self.group_size, method=self.quant_method,
+                           calib_samples=self.calib_samples)
+
+    def train_config(self) -> TrainConfig:
+        half = max(1, self.steps // 2)
+        return TrainConfig(steps=self.steps, lr=self.lr, batch_size=self.batch_size, max_seq_len=self.max_seq_len,
+                           data=self.data, eval_every=half, save_every=half, seed=self.seed)
+
+    def lora_config(self) -> LoraConfig:
+        return LoraConfig(rank=self.rank)

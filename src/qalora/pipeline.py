@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from qalora.config import LoraConfig, QuantConfig, TrainConfig
+from qalora.config import LoraConfig, QuantConfig, TrainConfig, PipelineConfig
 from qalora.errors import QaloraError
 from qalora.io import read_json, sha256_file, work_dir, write_json
 
@@ -168,9 +168,10 @@ def pipeline(model: str | os.PathLike | None = "default", out: str | os.PathLike
              export: bool = True, speed_tokens: int = 64, progress: bool = True) -> dict:
     """Run (or resume) the whole path on ``model`` under the folder ``out``; returns the summary
     also written to ``out/pipeline.json`` (see :func:`format_table`)."""
-    quant = quant or QuantConfig(bits=3, group_size=32, method="gptq")
-    lora = lora or LoraConfig()
-    train_cfg = train_cfg or TrainConfig(steps=100, eval_every=50, save_every=50)
+    defaults = PipelineConfig()
+    quant = quant or defaults.quant_config()
+    lora = lora or defaults.lora_config()
+    train_cfg = train_cfg or defaults.train_config()
     if train_cfg.method != "qalora":
         raise QaloraError(f"the pipeline trains QA-LoRA (its adapters merge exactly); got method {train_cfg.method!r}")
     if isinstance(speed_tokens, bool) or not isinstance(speed_tokens, int) or speed_tokens < 1:
