@@ -4,7 +4,7 @@ import pytest
 
 from qalora.eval.choice_scoring import argmax_first, predict, score_items
 from qalora.eval.scoring import loglikelihoods
-from qalora.eval.tasks import ChoiceItem
+from qalora.eval.task_spec import ChoiceItem
 
 
 def _naive_predict(logliks, lengths):

@@ -4,7 +4,7 @@ import pytest
 
 from qalora.eval import mmlu
 from qalora.eval.data import subfolders
-from qalora.eval.tasks import ChoiceItem, Selection
+from qalora.eval.task_spec import ChoiceItem, Selection
 
 Q = {"question": " What is 2 + 2?\n", "choices": ["3", "4", "5", "22"], "answer": 1}
 SHOT1 = {"question": "Is 7 prime?", "choices": ["yes", "no", "maybe", "sometimes"], "answer": 0}

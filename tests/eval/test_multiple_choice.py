@@ -3,7 +3,8 @@
 import pytest
 
 from qalora.eval import multiple_choice as mc
-from qalora.eval.tasks import Selection, registry
+from qalora.eval.task_spec import Selection
+from qalora.eval.tasks import registry
 
 
 def test_hellaswag_cleanup_and_prompt():

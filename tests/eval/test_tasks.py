@@ -3,7 +3,8 @@
 import pytest
 
 from qalora.errors import QaloraError
-from qalora.eval.tasks import ChoiceItem, Selection, allocate, pick, registry, resolve_tasks, select
+from qalora.eval.task_spec import ChoiceItem, Selection, allocate, pick, select
+from qalora.eval.tasks import registry, resolve_tasks
 
 
 def test_registry_holds_perplexity_mmlu_and_the_commonsense_sets():

@@ -22,7 +22,7 @@ import torch
 
 from qalora.eval.scoring import Scored, encode_pair, score_tokens
 from qalora.eval.shared_prefix import score_shared_context
-from qalora.eval.tasks import ChoiceItem
+from qalora.eval.task_spec import ChoiceItem
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,7 +28,8 @@ from qalora.errors import QaloraError
 from qalora.eval.choice_scoring import ItemScore, score_items
 from qalora.eval.mmlu import SHOTS
 from qalora.eval.stats import Estimate, accuracy, average
-from qalora.eval.tasks import Selection, TaskSpec, registry, resolve_tasks
+from qalora.eval.task_spec import Selection, TaskSpec
+from qalora.eval.tasks import registry, resolve_tasks
 
 #: How an item's outcome gives each metric.
 METRICS: dict[str, Callable[[ItemScore], bool]] = {"acc": lambda s: s.acc, "acc_norm": lambda s: s.acc_norm}

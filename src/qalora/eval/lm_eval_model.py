@@ -41,7 +41,9 @@ from typing import Any
 
 import torch
 
+from qalora.api import load_model_and_tokenizer
 from qalora.errors import QaloraError
+from qalora.eval.scoring import loglikelihoods, score_tokens
 
 try:
     import lm_eval.models  # noqa: F401  (fills the registry with lm-eval's own models; see below)
@@ -135,7 +137,6 @@ class QaloraLM(LM):
                  device: str | None = None, max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
                  max_batch_size: int | None = None) -> None:
         super().__init__()
-        from qalora.api import load_model_and_tokenizer
 
         self._batch_size = parse_batch_size(batch_size)
         for name, value in (("max_length", max_length), ("max_gen_toks", max_gen_toks)):
@@ -176,7 +177,6 @@ class QaloraLM(LM):
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """``(log p(continuation | context), is_greedy)`` per request (``Instance.args``)."""
-        from qalora.eval.scoring import loglikelihoods
 
         pairs = [split_like_lm_eval(*req.args) for req in requests]
         scored = loglikelihoods(self.model, self.tokenizer, pairs, batch_size=self.batch_size,
@@ -188,7 +188,6 @@ class QaloraLM(LM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """``log p(text | prefix token)`` per request, summed over disjoint rolling windows."""
-        from qalora.eval.scoring import score_tokens
 
         windows, owners = [], []
         for i, req in enumerate(requests):

@@ -24,7 +24,7 @@ from typing import Any
 
 from qalora.eval.data import records, subfolders
 from qalora.eval.stats import Estimate, accuracy, average
-from qalora.eval.tasks import ChoiceItem, ChoiceSet, Selection, TaskSpec, select
+from qalora.eval.task_spec import ChoiceItem, ChoiceSet, Selection, TaskSpec, select
 from qalora.errors import QaloraError
 
 FOLDER = "hails/mmlu_no_train"

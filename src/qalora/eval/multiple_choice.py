@@ -34,7 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 from qalora.eval.data import records
-from qalora.eval.tasks import ChoiceItem, ChoiceSet, Selection, TaskSpec, select
+from qalora.eval.task_spec import ChoiceItem, ChoiceSet, Selection, TaskSpec, select
 
 Doc = dict[str, Any]
 
