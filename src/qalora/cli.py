@@ -157,13 +157,28 @@ def cmd_pipeline(args) -> int:
     return 0
 
 
+def parse_grid(text: str) -> tuple[int, int]:
+    """``"int3-g32"`` -> ``(3, 32)``; anything else is refused in one line."""
+    import re
+
+    m = re.fullmatch(r"int(\d+)-g(\d+)", text)
+    if not m:
+        raise QaloraError(f"grid {text!r} is not of the form intB-gG, e.g. int3-g32")
+    return int(m.group(1)), int(m.group(2))
+
+
 def cmd_reproduce(args) -> int:
     import shlex
 
     from qalora.io import write_json
     from qalora.reproduce import reproduce, write_docs
 
-    summary = reproduce(args.out, args.budget, args.model, suite=args.suite, progress=not args.quiet)
+    grids = None
+    if args.grids:
+        if args.suite != "methods":
+            raise QaloraError("--grids applies to --suite methods only")
+        grids = [parse_grid(g) for g in args.grids]
+    summary = reproduce(args.out, args.budget, args.model, suite=args.suite, grids=grids, progress=not args.quiet)
     if args.suite == "methods":
         from qalora.reproduce.methods import methods_table
 
@@ -257,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--suite", choices=["paper", "methods"], default="paper",
                    help="paper: Table 1 rows, evaluated; methods: every exact method vs QA-LoRA and QLoRA w/ GPTQ "
                         "on the held-out instruction loss")
+    r.add_argument("--grids", nargs="+", default=None,
+                   help="--suite methods: only these grids (int4-g64 int3-g32 int2-g32; default all)")
     r.add_argument("--out", default="qalora-reproduce", help="work folder (bases, adapters, models, row results)")
     r.add_argument("--docs", default=None, help="also write RESULTS.md, results.json, results.png into this folder")
     r.add_argument("--notes", default=None, help="a Markdown file appended to RESULTS.md as its discussion")

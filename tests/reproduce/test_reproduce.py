@@ -102,3 +102,27 @@ def test_docs_are_written(run, tmp_path):
     assert "| RTN, no tuning INT4 g32 (= base) |" in md and "(= base): every figure equals the unquantized base's (" \
         "rtn-int4-g32): each reproduces" in md and "ships as Q4_1" in md
     assert "(= base)" not in results_markdown(summary, "cmd")
+
+
+def test_methods_suite_smoke(tmp_path):
+    from qalora.reproduce.methods import METHOD_ROWS, methods_table
+
+    tiny_llama(0).save_pretrained(tmp_path / "fp")
+    tiny_tokenizer().save_pretrained(tmp_path / "fp")
+    s = reproduce(tmp_path / "out", "smoke", str(tmp_path / "fp"), suite="methods", grids=[(2, 32)], progress=False)
+    rows = {r["row"]: r for r in s["rows"]}
+    assert list(rows) == [r.name for r in METHOD_ROWS] and s["grids"] == ["int2-g32"]
+    assert (tmp_path / "out" / "methods-int2g32.json").is_file()
+    for name, r in rows.items():
+        assert r["heldout_loss"] > 0 and r["bits"] == 2
+        if name != "gptq":
+            assert r["train_steps"] == 2 and r["merge"]["lossy"] == (name == "qlora+gptq")
+            assert r["compute"] == {"dtype": "fp32", "base_kernel": "reference"}
+    assert rows["peqa"]["kinds"] == ["scales"] and rows["lota+qalora"]["kinds"] == ["lota", "qalora"]
+    assert rows["peqa"]["merge"]["codes_changed_fraction"] == 0 and rows["peqa"]["merge"]["scales_changed_fraction"] > 0
+    table = methods_table(s["rows"])
+    assert "| LoTA-QAF + QA-LoRA |" in table and "INT2 g32" in table
+    again = reproduce(tmp_path / "out", "smoke", str(tmp_path / "fp"), suite="methods", grids=[(2, 32)], progress=False)
+    assert again["rows"] == s["rows"]  # cached
+    with pytest.raises(QaloraError, match="grid \\(5, 32\\) is not one of the methods suite's"):
+        reproduce(tmp_path / "out", "smoke", str(tmp_path / "fp"), suite="methods", grids=[(5, 32)], progress=False)

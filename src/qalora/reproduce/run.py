@@ -208,10 +208,12 @@ SUITES = ("paper", "methods")
 
 
 def reproduce(out: str | os.PathLike = "qalora-reproduce", budget: str = "small", model: str = "default", *,
-              rows: list[Row] | None = None, suite: str = "paper", progress: bool = True) -> dict:
+              rows: list[Row] | None = None, suite: str = "paper", grids: list[tuple[int, int]] | None = None,
+              progress: bool = True) -> dict:
     """Run (or resume) every row of ``suite`` under ``out``; returns and writes
     ``out/results.json`` (paper: :mod:`qalora.reproduce.plan`) or ``out/methods.json``
-    (methods: :mod:`qalora.reproduce.methods`). Both suites can share one ``out``."""
+    (methods: :mod:`qalora.reproduce.methods`; ``grids``: its ``(bits, group_size)`` pairs, default
+    all three). Both suites can share one ``out``."""
     if suite not in SUITES:
         raise QaloraError(f"suite {suite!r} is unknown; use one of: {', '.join(SUITES)}")
     b = get_budget(budget)
@@ -226,13 +228,20 @@ def reproduce(out: str | os.PathLike = "qalora-reproduce", budget: str = "small"
         write_json(root / "plan.json", plan)
     ws = Workspace(root, model, b, progress)
     if suite == "methods":
-        from qalora.reproduce.methods import run_methods
+        from qalora.reproduce.methods import GRIDS, run_methods
 
+        grids = list(grids or GRIDS)
+        bad = [g for g in grids if g not in GRIDS]
+        if bad:
+            raise QaloraError(f"grid {bad[0]} is not one of the methods suite's: "
+                              + ", ".join(f"int{b}-g{g}" for b, g in GRIDS))
         t0 = time.time()
-        done = run_methods(ws, say=lambda m: _say(m, progress))
-        summary = {**plan, "suite": "methods", "machine": machine(), "rows": done,
+        done = run_methods(ws, grids, say=lambda m: _say(m, progress))
+        summary = {**plan, "suite": "methods", "grids": [f"int{b}-g{g}" for b, g in grids], "machine": machine(),
+                   "rows": done,
                    "seconds_this_call": round(time.time() - t0, 1)}
-        write_json(root / "methods.json", summary)
+        write_json(root / ("methods.json" if grids == list(GRIDS) else
+                           "methods-" + "-".join(f"int{b}g{g}" for b, g in grids) + ".json"), summary)
         return summary
     rows = rows if rows is not None else plan_rows()
     t0 = time.time()
