@@ -1,4 +1,4 @@
-"""The adapter-kind registry: what each kind of adaptation trains, computes and merges.
+"""What an adapter kind is: what it trains, computes and merges (the record every kind fills in).
 
 A layer's frozen base is the canonical triple of a group-wise quantized weight, per (row ``o``,
 group ``g`` of ``L`` contiguous input columns)::

@@ -1,0 +1,1 @@
+"""Adapter kinds: ``base`` (the Kind record), one file per kind, ``registry`` (KINDS)."""
