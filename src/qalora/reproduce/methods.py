@@ -10,9 +10,9 @@ and seed for every tuned row)::
     peqa            trained scales only
     lota            LoTA-QAF ternary code moves + float remainder, t-SignSGD
     lota+qalora     LoTA-QAF + QA-LoRA offsets
+    qlora+gptq      QLoRA (NF4 + LoRA) merged in 16 bits, then GPTQ again (lossy)
     lota-omega16    LoTA-QAF with ω = 16 = 0.25 r instead of the paper's 0.75 r: at 100 steps of
                     batch 4 the paper's threshold moves almost no code (``B_T A_T`` rarely passes 48)
-    qlora+gptq      QLoRA (NF4 + LoRA) merged in 16 bits, then GPTQ again (lossy)
 
 Every tuned row is merged (exactly, verified; or re-quantized for ``qlora+gptq``) and the
 *merged* model's held-out instruction loss is measured (fp32, every held-out example). What the
@@ -51,8 +51,8 @@ METHOD_ROWS = (
     MethodRow("peqa", "peqa", label="PEQA (scales)"),
     MethodRow("lota", "lota", label="LoTA-QAF"),
     MethodRow("lota+qalora", "lota", {"with_qalora": True}, label="LoTA-QAF + QA-LoRA"),
-    MethodRow("lota-omega16", "lota", {"lota_omega": 16.0}, label="LoTA-QAF, ω = 16 (0.25 r)"),
     MethodRow("qlora+gptq", "qlora", label="QLoRA w/ GPTQ (lossy)"),
+    MethodRow("lota-omega16", "lota", {"lota_omega": 16.0}, label="LoTA-QAF, ω = 16 (0.25 r)"),
 )
 
 
