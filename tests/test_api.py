@@ -11,7 +11,7 @@ from qalora.config import LoraConfig, QuantConfig, TrainConfig
 from qalora.errors import QaloraError
 from qalora.merging.command import merge
 from qalora.patch import set_kernel
-from qalora.quantize import quantize_model
+from qalora.quant.model import quantize_model
 from qalora.training.loop import train
 
 
@@ -59,3 +59,18 @@ def test_adapter_on_another_base_is_refused(trained, tiny_tok):
     save_checkpoint(other, tiny_tok, trained / "q_other", {"bits": 3, "group_size": 32, "method": "rtn"})
     with pytest.raises(QaloraError, match="trained on another base"):
         load_model_and_tokenizer(trained / "q_other", adapter=trained / "a")
+
+
+def test_package_names_stay_functions_whatever_was_imported():
+    """``qalora.quantize`` etc. are functions even after every submodule was imported (a submodule
+    of the same name would replace the attribute)."""
+    import importlib
+    import pkgutil
+
+    import qalora
+
+    for m in pkgutil.walk_packages(qalora.__path__, "qalora."):
+        if "lm_eval" not in m.name and not m.name.endswith("__main__"):
+            importlib.import_module(m.name)
+    for name in ("quantize", "pipeline", "merge", "train", "evaluate", "generate", "load", "quantize_model"):
+        assert callable(getattr(qalora, name)) and not isinstance(getattr(qalora, name), type(qalora)), name

@@ -22,7 +22,7 @@ from qalora.nn.quant_linear import QuantLinear
 from qalora.patch import set_kernel
 from qalora.quant.rtn import rtn_quantize
 from qalora.quant.weight import QuantizedWeight
-from qalora.quantize import quantize_model
+from qalora.quant.model import quantize_model
 from qalora.training.loop import train
 
 LORA = LoraConfig(rank=4, alpha=8)

@@ -9,7 +9,7 @@ from qalora.cli import main
 from qalora.config import LoraConfig, QuantConfig, TrainConfig
 from qalora.errors import QaloraError
 from qalora.merging.command import REPORT_FILE
-from qalora.pipeline import format_table, pipeline
+from qalora.stages.pipeline import format_table, pipeline
 
 QA = [("What is two plus two?", "Four."), ("Name a colour.", "Blue."), ("Say hello.", "Hello!")]
 

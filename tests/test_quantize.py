@@ -11,7 +11,7 @@ from qalora.config import QuantConfig
 from qalora.errors import QaloraError
 from qalora.nn.quant_linear import QuantLinear
 from qalora.patch import quant_layers, quantized_nbytes
-from qalora.quantize import quantize_model
+from qalora.quant.model import quantize_model
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -60,7 +60,7 @@ def test_requantize_writes_a_labelled_lossy_checkpoint(fp_and_data, method):
 
 def test_requantize_refuses_a_qalora_adapter(tmp_path, tiny_model, tiny_tok, fp_and_data):
     from qalora.checkpoint import save_checkpoint
-    from qalora.quantize import quantize_model
+    from qalora.quant.model import quantize_model
 
     tmp = fp_and_data
     quantize_model(tiny_model, QuantConfig(bits=4, group_size=32, method="rtn"), progress=False)

@@ -15,8 +15,8 @@ _EXPORTS = {
     "QaloraError": "qalora.errors", "QuantLinear": "qalora.nn.quant_linear", "QuantizedWeight": "qalora.quant.weight",
     "evaluate": "qalora.api", "generate": "qalora.api", "load_model_and_tokenizer": "qalora.api",
     "quantize": "qalora.api", "load": "qalora.checkpoint", "save_checkpoint": "qalora.checkpoint",
-    "quantize_model": "qalora.quantize", "train": "qalora.training.loop", "merge": "qalora.merging.command",
-    "pipeline": "qalora.pipeline",
+    "quantize_model": "qalora.quant.model", "train": "qalora.training.loop", "merge": "qalora.merging.command",
+    "pipeline": "qalora.stages.pipeline",
 }
 __all__ = sorted(_EXPORTS)
 

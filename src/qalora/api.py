@@ -13,7 +13,7 @@ from qalora.errors import QaloraError
 from qalora.io import check_new_output
 from qalora.models import load_fp_model, load_tokenizer
 from qalora.patch import quantized_nbytes
-from qalora.quantize import check_model, quantize_model
+from qalora.quant.model import check_model, quantize_model
 
 
 def quantize(model: str | os.PathLike | None = "default", out: str | os.PathLike = "qalora-model",

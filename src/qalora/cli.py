@@ -146,7 +146,7 @@ def cmd_generate(args) -> int:
 
 def cmd_pipeline(args) -> int:
     from qalora.config import PipelineConfig
-    from qalora.pipeline import format_table, pipeline
+    from qalora.stages.pipeline import format_table, pipeline
 
     c = dataclass_from_args(PipelineConfig, args)
     summary = pipeline(args.model, args.out, quant=c.quant_config(), lora=c.lora_config(), train_cfg=c.train_config(),

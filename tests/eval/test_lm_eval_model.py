@@ -22,7 +22,7 @@ from qalora.errors import QaloraError  # noqa: E402
 from qalora.eval.lm_eval_model import (QaloraLM, parse_batch_size, resolve_device, rolling_windows,  # noqa: E402
                                         split_like_lm_eval)
 from qalora.eval.scoring import loglikelihoods  # noqa: E402
-from qalora.quantize import quantize_model  # noqa: E402
+from qalora.quant.model import quantize_model  # noqa: E402
 
 # Batched fp32 log-softmax vs one request at a time in fp64: sums of up to ~40 log-probs of
 # magnitude ~6 agree to ~1e-5 here; 1e-4 absolute + relative leaves room for BLAS order.

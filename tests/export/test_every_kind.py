@@ -14,7 +14,7 @@ from qalora.config import LoraConfig, QuantConfig
 from qalora.export.gguf import export_gguf
 from qalora.export.gguf_blocks import rotary_row_order
 from qalora.merging.surgery import merge_model_inplace
-from qalora.quantize import quantize_model
+from qalora.quant.model import quantize_model
 
 METHODS = {"qalora+scales": ("qalora", {"train_scales": True}), "peqa": ("peqa", {}),
            "lota+qalora": ("lota", {"with_qalora": True, "lota_omega": 1.0})}

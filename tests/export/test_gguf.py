@@ -16,7 +16,7 @@ from qalora.export.gguf import add_llama_metadata, add_tokenizer, bpe_vocab, cho
 from qalora.export.gguf_blocks import q4_1_blocks, q4_1_weights, rotary_row_order, to_f16
 from qalora.nn.quant_linear import QuantLinear
 from qalora.quant.qparams import dequantize
-from qalora.quantize import quantize_model
+from qalora.quant.model import quantize_model
 
 Q4_1 = gguf.GGMLQuantizationType.Q4_1
 

@@ -26,7 +26,7 @@ from qalora.merging.surgery import merge_model_inplace  # noqa: E402
 from qalora.patch import quant_layers  # noqa: E402
 from qalora.quant.qparams import dequantize  # noqa: E402
 from qalora.quant.weight import QuantizedWeight  # noqa: E402
-from qalora.quantize import quantize_model  # noqa: E402
+from qalora.quant.model import quantize_model  # noqa: E402
 
 PROMPTS = ["the quick brown fox jumps over the lazy dog", "group wise scales and offsets describe every block"]
 

@@ -14,7 +14,7 @@ from qalora.adapters.attach import adapter_layers
 from qalora.checkpoint import load, save_checkpoint
 from qalora.config import LoraConfig, QuantConfig, TrainConfig
 from qalora.errors import QaloraError
-from qalora.quantize import quantize_model
+from qalora.quant.model import quantize_model
 from qalora.training.loop import train
 
 QA = [("What is two plus two?", "Four."), ("Name a colour.", "Blue."), ("Say hello.", "Hello there!"),

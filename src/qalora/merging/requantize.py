@@ -26,7 +26,7 @@ from qalora.io import atomic_dir, check_new_output, sha256_file, write_json
 from qalora.merging.surgery import shared_copy
 from qalora.merging.verify import verify_merge
 from qalora.patch import set_submodule
-from qalora.quantize import quantize_model
+from qalora.quant.model import quantize_model
 
 REPORT_FILE = "merge_report.json"
 

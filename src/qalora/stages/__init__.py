@@ -1,0 +1,1 @@
+"""Whole-path commands built from the stage functions: ``pipeline`` (the main job)."""
