@@ -66,6 +66,6 @@ def test_requantize_refuses_a_qalora_adapter(tmp_path, tiny_model, tiny_tok, fp_
     quantize_model(tiny_model, QuantConfig(bits=4, group_size=32, method="rtn"), progress=False)
     save_checkpoint(tiny_model, tiny_tok, tmp / "q", {"bits": 4, "group_size": 32, "method": "rtn"})
     train(tmp / "q", tmp / "qa", tcfg(tmp, "qalora"), LoraConfig(rank=4, alpha=8), progress=False)
-    with pytest.raises(QaloraError, match="merge it exactly"):
+    with pytest.raises(QaloraError, match="is a .qalora. adapter: it merges exactly"):
         requantize(tmp / "q", tmp / "qa", tmp / "m", QuantConfig(bits=3, method="rtn"), progress=False)
     assert not (tmp / "m").exists()

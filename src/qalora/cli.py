@@ -178,7 +178,10 @@ def cmd_reproduce(args) -> int:
         if args.suite != "methods":
             raise QaloraError("--grids applies to --suite methods only")
         grids = [parse_grid(g) for g in args.grids]
-    summary = reproduce(args.out, args.budget, args.model, suite=args.suite, grids=grids, progress=not args.quiet)
+    if args.cached_only and args.suite != "methods":
+        raise QaloraError("--cached-only applies to --suite methods only")
+    summary = reproduce(args.out, args.budget, args.model, suite=args.suite, grids=grids, cached_only=args.cached_only,
+                        progress=not args.quiet)
     if args.suite == "methods":
         from qalora.reproduce.methods import methods_table
 
@@ -274,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "on the held-out instruction loss")
     r.add_argument("--grids", nargs="+", default=None,
                    help="--suite methods: only these grids (int4-g64 int3-g32 int2-g32; default all)")
+    r.add_argument("--cached-only", action="store_true",
+                   help="--suite methods: report the rows already computed in --out, build nothing")
     r.add_argument("--out", default="qalora-reproduce", help="work folder (bases, adapters, models, row results)")
     r.add_argument("--docs", default=None, help="also write RESULTS.md, results.json, results.png into this folder")
     r.add_argument("--notes", default=None, help="a Markdown file appended to RESULTS.md as its discussion")

@@ -136,16 +136,20 @@ def methods_table(rows: list[dict]) -> str:
             cells.append("-" if r is None else f"{r['heldout_loss']:.3f}")
         r3 = by.get((row.name, 3, 32)) or next((r for r in rows if r["row"] == row.name), None)
         moved = "-" if r3 is None or not r3.get("merge") or r3["merge"].get("codes_changed_fraction") is None \
-            else f"{100 * r3['merge']['codes_changed_fraction']:.2f} %"
+            else f"{100 * r3['merge']['codes_changed_fraction']:.4f} %"
         params = "-" if r3 is None or "trainable_parameters" not in r3 else f"{r3['trainable_parameters'] / 1e6:.2f} M"
         lines.append(f"| {row.label} | " + " | ".join(cells) + f" | {moved} | {params} |")
     return "\n".join(lines)
 
 
-def run_methods(ws, grids=GRIDS, rows=METHOD_ROWS, say=print) -> list[dict]:
+def run_methods(ws, grids=GRIDS, rows=METHOD_ROWS, say=print, cached_only: bool = False) -> list[dict]:
+    """Every row of ``grids`` (built, or read from ``rows/``); ``cached_only``: only the rows
+    already computed, building nothing (to report a run that is still going)."""
     done = []
     for bits, group in grids:
         for row in rows:
+            if cached_only and not (ws.root / "rows" / f"{row_id(row, bits, group)}.json").is_file():
+                continue
             say(f"methods: {row_id(row, bits, group)}")
             done.append(method_row(ws, row, bits, group))
     return done

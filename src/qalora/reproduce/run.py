@@ -209,11 +209,12 @@ SUITES = ("paper", "methods")
 
 def reproduce(out: str | os.PathLike = "qalora-reproduce", budget: str = "small", model: str = "default", *,
               rows: list[Row] | None = None, suite: str = "paper", grids: list[tuple[int, int]] | None = None,
-              progress: bool = True) -> dict:
+              cached_only: bool = False, progress: bool = True) -> dict:
     """Run (or resume) every row of ``suite`` under ``out``; returns and writes
     ``out/results.json`` (paper: :mod:`qalora.reproduce.plan`) or ``out/methods.json``
     (methods: :mod:`qalora.reproduce.methods`; ``grids``: its ``(bits, group_size)`` pairs, default
-    all three). Both suites can share one ``out``."""
+    all three; ``cached_only``: report the rows already computed, build nothing). Both suites can
+    share one ``out``."""
     if suite not in SUITES:
         raise QaloraError(f"suite {suite!r} is unknown; use one of: {', '.join(SUITES)}")
     b = get_budget(budget)
@@ -236,12 +237,13 @@ def reproduce(out: str | os.PathLike = "qalora-reproduce", budget: str = "small"
             raise QaloraError(f"grid {bad[0]} is not one of the methods suite's: "
                               + ", ".join(f"int{b}-g{g}" for b, g in GRIDS))
         t0 = time.time()
-        done = run_methods(ws, grids, say=lambda m: _say(m, progress))
-        summary = {**plan, "suite": "methods", "grids": [f"int{b}-g{g}" for b, g in grids], "machine": machine(),
+        done = run_methods(ws, grids, say=lambda m: _say(m, progress), cached_only=cached_only)
+        summary = {**plan, "suite": "methods", "cached_only": cached_only, "grids": [f"int{b}-g{g}" for b, g in grids], "machine": machine(),
                    "rows": done,
                    "seconds_this_call": round(time.time() - t0, 1)}
-        write_json(root / ("methods.json" if grids == list(GRIDS) else
-                           "methods-" + "-".join(f"int{b}g{g}" for b, g in grids) + ".json"), summary)
+        if not cached_only:
+            write_json(root / ("methods.json" if grids == list(GRIDS) else
+                               "methods-" + "-".join(f"int{b}g{g}" for b, g in grids) + ".json"), summary)
         return summary
     rows = rows if rows is not None else plan_rows()
     t0 = time.time()
