@@ -24,6 +24,8 @@ def run(*args, cwd=None):
     (["train", "--out", "a", "--method", "dora"], "method 'dora' is unknown; use one of qalora, peqa, lota, qlora, lora"),
     (["train", "--out", "a", "--method", "lota", "--lota-omega", "0"], "lota_omega 0.0 must be positive"),
     (["train", "--out", "a", "--tsign-start", "0.99", "--tsign-mid", "0.9"], "t-SignSGD quantiles 0.99, 0.9, 0.9999 must rise"),
+    (["reproduce", "--cached-only", "--out", "r"], "--cached-only applies to --suite methods only"),
+    (["reproduce", "--suite", "methods", "--grids", "int3", "--out", "r"], "grid 'int3' is not of the form intB-gG"),
     (["merge", "--model", "q", "--adapter", "a", "--out", "m", "--bits", "2"],
      "--bits and --group-size apply with --requantize only"),
     (["merge", "--model", "q", "--adapter", "a", "--out", "m", "--requantize", "gptq", "--tolerance", "1e-3"],
