@@ -12,7 +12,8 @@ and seed for every tuned row)::
     lota+qalora     LoTA-QAF + QA-LoRA offsets
     qlora+gptq      QLoRA (NF4 + LoRA) merged in 16 bits, then GPTQ again (lossy)
     lota-omega16    LoTA-QAF with ω = 16 = 0.25 r instead of the paper's 0.75 r: at 100 steps of
-                    batch 4 the paper's threshold moves almost no code (``B_T A_T`` rarely passes 48)
+                    batch 4 the paper's threshold moves almost no code (``B_T A_T`` rarely passes 48);
+                    INT3 g32 only
 
 Every tuned row is merged (exactly, verified; or re-quantized for ``qlora+gptq``) and the
 *merged* model's held-out instruction loss is measured (fp32, every held-out example). What the
@@ -36,12 +37,17 @@ GRIDS = ((3, 32), (4, 64), (2, 32))
 
 @dataclass(frozen=True)
 class MethodRow:
-    """``name``: row name; ``method`` and ``switches``: what ``qalora train`` gets."""
+    """``name``: row name; ``method`` and ``switches``: what ``qalora train`` gets; ``grids``: the
+    ``(bits, group)`` grids the row runs on (``None``: every grid)."""
 
     name: str
     method: str | None
     switches: dict = field(default_factory=dict)
     label: str = ""
+    grids: tuple | None = None
+
+    def runs_on(self, bits: int, group: int) -> bool:
+        return self.grids is None or (bits, group) in self.grids
 
 
 METHOD_ROWS = (
@@ -52,7 +58,8 @@ METHOD_ROWS = (
     MethodRow("lota", "lota", label="LoTA-QAF"),
     MethodRow("lota+qalora", "lota", {"with_qalora": True}, label="LoTA-QAF + QA-LoRA"),
     MethodRow("qlora+gptq", "qlora", label="QLoRA w/ GPTQ (lossy)"),
-    MethodRow("lota-omega16", "lota", {"lota_omega": 16.0}, label="LoTA-QAF, ω = 16 (0.25 r)"),
+    MethodRow("lota-omega16", "lota", {"lota_omega": 16.0}, label="LoTA-QAF, ω = 16 (0.25 r)",
+              grids=((3, 32),)),
 )
 
 
@@ -148,6 +155,8 @@ def run_methods(ws, grids=GRIDS, rows=METHOD_ROWS, say=print, cached_only: bool 
     done = []
     for bits, group in grids:
         for row in rows:
+            if not row.runs_on(bits, group):
+                continue
             if cached_only and not (ws.root / "rows" / f"{row_id(row, bits, group)}.json").is_file():
                 continue
             say(f"methods: {row_id(row, bits, group)}")
