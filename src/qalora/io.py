@@ -51,6 +51,26 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def model_fingerprint(folder: str | os.PathLike) -> str:
+    """SHA-256 over the weight files of a Hugging Face model folder (their names and each file's
+    SHA-256, sorted by name: ``*.safetensors``, else ``*.bin``): what a quantized checkpoint or an
+    adapter records as the full-precision model it was made from."""
+    folder = Path(folder)
+    h = hashlib.sha256()
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    if not files:
+        raise QaloraError(f"model folder {str(folder)!r} has no weight files")
+    for f in files:
+        h.update(f.name.encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def is_sha256(value) -> bool:
+    """Whether ``value`` is a SHA-256 hex digest (64 lower-case hex characters)."""
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
 def work_dir(out: str | os.PathLike) -> Path:
     """The folder of a resumable multi-stage run (``--out``): created when missing (its parent
     must exist), reused when present; a file in the way is refused."""

@@ -86,6 +86,51 @@ def test_rerun_resumes_and_refuses_another_budget(run):
         reproduce(root / "out", "small", str(root / "fp"), rows=ROWS, progress=False)
 
 
+def test_rerun_refuses_rows_and_stages_of_other_inputs(run, tmp_path):
+    """A cached row, base, adapter or merge whose recorded inputs are not this run's is refused
+    (one line naming what differs), never reused; another model in the same --out is refused."""
+    import shutil
+
+    root, summary = run
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    rows = [Row("gptq", 2, 32), Row("qalora", 2, 32), Row("lora")]
+
+    def edit(path, **changes):
+        rec = json.loads(path.read_text())
+        path.write_text(json.dumps({**rec, **changes}))
+        return rec
+
+    def refused(match, model=root / "fp"):
+        with pytest.raises(QaloraError, match=match):
+            reproduce(out, "smoke", str(model), rows=rows, progress=False)
+
+    rec = edit(out / "rows" / "gptq-int2-g32.json", inputs={"checkpoint_sha256": "2" * 64})
+    refused("gptq-int2-g32.json' holds a row result made with another checkpoint: 222222222222…, this run:")
+    edit(out / "rows" / "gptq-int2-g32.json", inputs=None)
+    refused("gptq-int2-g32.json' holds a row result without a record of its inputs")
+    edit(out / "rows" / "gptq-int2-g32.json", inputs=rec["inputs"])
+    report = edit(out / "models" / "qalora-int2-g32" / "merge_report.json", adapter_sha256="3" * 64)
+    refused("qalora-int2-g32' holds a merged model made with another adapter: 333333333333…")
+    edit(out / "models" / "qalora-int2-g32" / "merge_report.json", **report)
+    acfg = edit(out / "adapters" / "lora" / "adapter_config.json", base_sha256="4" * 64)
+    refused("adapters/lora' holds a adapter made with another base checkpoint: 444444444444…")
+    edit(out / "adapters" / "lora" / "adapter_config.json", **acfg)
+    meta = edit(out / "bases" / "gptq-int2-g32" / "qalora.json", quant_config={**json.loads(
+        (out / "bases" / "gptq-int2-g32" / "qalora.json").read_text())["quant_config"], "calib_samples": 99})
+    refused(r"gptq-int2-g32' holds a quantized base made with another quant_config \(calib_samples\): 99, this run: 4")
+    edit(out / "bases" / "gptq-int2-g32" / "qalora.json", **meta)
+    again = reproduce(out, "smoke", str(root / "fp"), rows=rows, progress=False)
+    assert [r["id"] for r in again["rows"]] == ["gptq-int2-g32", "qalora-int2-g32", "lora"]
+    assert again["rows"][0] == rec and len(rec["inputs"]["checkpoint_sha256"]) == 64  # reused as recorded
+    other = tmp_path / "fp-moved"  # the plan names this folder, which now holds another model
+    tiny_llama(1).save_pretrained(other)
+    tiny_tokenizer().save_pretrained(other)
+    plan = json.loads((out / "plan.json").read_text())
+    (out / "plan.json").write_text(json.dumps({**plan, "model": str(tmp_path / "fp-moved")}))
+    refused("plan.json' holds a reproduce plan made with another source model", tmp_path / "fp-moved")
+
+
 def test_docs_are_written(run, tmp_path):
     _, summary = run
     paths = write_docs(summary, tmp_path / "docs", "qalora reproduce --budget smoke", notes="Smoke run.")

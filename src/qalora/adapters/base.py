@@ -18,9 +18,10 @@ from pathlib import Path
 from torch import nn
 
 from qalora.adapters.methods import get_method
-from qalora.checkpoint import META_FILE, load, read_meta
+from qalora.checkpoint import META_FILE, load, read_meta, weights_sha256
 from qalora.errors import QaloraError
-from qalora.io import sha256_file
+from qalora.default_model import resolve_model
+from qalora.io import model_fingerprint
 from qalora.models import load_fp_model, load_tokenizer
 from qalora.patch import find_linears, set_submodule
 
@@ -37,15 +38,19 @@ class Base:
     bits: int | None
 
 
-def _fp_fingerprint(folder: Path) -> str:
-    h = hashlib.sha256()
-    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
-    if not files:
-        raise QaloraError(f"model folder {str(folder)!r} has no weight files")
-    for f in files:
-        h.update(f.name.encode())
-        h.update(sha256_file(f).encode())
-    return h.hexdigest()
+def _nf4_fingerprint(fp_digest: str) -> str:
+    return hashlib.sha256(f"{fp_digest}:nf4-block{NF4_BLOCK}".encode()).hexdigest()
+
+
+def base_fingerprint(method: str, model: str | os.PathLike | None) -> str:
+    """The fingerprint an adapter of ``method`` records of its base ``model``, without loading it:
+    the quantized checkpoint's recorded weights SHA-256, or the full-precision folder's
+    :func:`~qalora.io.model_fingerprint` (hashed once more with the NF4 step for ``qlora``)."""
+    where = get_method(method).base
+    if where == "quantized":
+        return weights_sha256(read_meta(model))
+    digest = model_fingerprint(resolve_model(model))
+    return _nf4_fingerprint(digest) if where == "nf4" else digest
 
 
 def quantize_nf4(model: nn.Module, skip: tuple[str, ...] = ("lm_head",), block_size: int = NF4_BLOCK) -> int:
@@ -76,15 +81,15 @@ def load_base(method: str, model: str | os.PathLike | None, compute_dtype: str =
             raise QaloraError(f"checkpoint {str(model)!r} holds {', '.join(sorted(kinds))} layers; method {method!r} "
                               "needs group-wise INTn (rtn or gptq) layers")
         qm = load(model, kernel=BASE_KERNELS[compute_dtype])
-        return Base(qm, load_tokenizer(model), str(model), meta["sha256"]["model.safetensors"],
+        return Base(qm, load_tokenizer(model), str(model), weights_sha256(meta),
                     meta.get("group_size"), meta.get("bits"))
     if is_ckpt:
         raise QaloraError(f"method {method!r} trains on a full-precision model; {str(model)!r} is a quantized "
                           "qalora checkpoint (use --method qalora, or pass the original model)")
     fp, tok, folder = load_fp_model(model)
-    digest = _fp_fingerprint(folder)
+    digest = model_fingerprint(folder)
     if where == "nf4":
         quantize_nf4(fp)
-        digest = hashlib.sha256(f"{digest}:nf4-block{NF4_BLOCK}".encode()).hexdigest()
+        digest = _nf4_fingerprint(digest)
         return Base(fp, tok, str(folder), digest, NF4_BLOCK, 4)
     return Base(fp, tok, str(folder), digest, None, None)

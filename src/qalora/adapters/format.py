@@ -4,10 +4,12 @@
                                lora_B.weight, log_scale, lota_A, lota_B)
     ADIR/adapter_config.json   format "qalora-adapter", format_version, method, kinds, rank,
                                alpha, dropout, lota_omega, targets, group_size, base_bits,
-                               base_sha256, trainable parameters, bits of adapter state, losses …
+                               base_sha256, sha256 of adapter.safetensors, trainable parameters,
+                               bits of adapter state, losses …
 
 Both directions live here, with one check (:func:`check_adapter`) that every reader applies:
-the config is complete, the kinds are the method's, the tensors are exactly those the kinds
+the config is complete (an adapter without its recorded hashes is refused, never read
+unverified), the weights file's SHA-256 is the recorded one, the kinds are the method's, the tensors are exactly those the kinds
 define (shapes checked when they are loaded into a model), finite, and ternary tensors hold
 only -1, 0, 1. Files are written to a temporary name and renamed.
 """
@@ -24,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from qalora.adapters.kinds.registry import get_kind, ordered
 from qalora.adapters.methods import get_method, method_kinds
 from qalora.errors import QaloraError
-from qalora.io import read_json, write_json
+from qalora.io import is_sha256, read_json, sha256_file, write_json
 
 ADAPTER_FILE = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -56,10 +58,13 @@ def write_adapter(adir: str | os.PathLike, state: dict[str, torch.Tensor], confi
     """Write ``state`` and ``config`` (completed with the format fields) into ``adir``; each file
     appears whole (temporary name + rename). Returns the config written."""
     adir = Path(adir)
-    config = {"format": ADAPTER_FORMAT, "format_version": FORMAT_VERSION, **config}
-    check_adapter(config, state, adir)
+    config = {"format": ADAPTER_FORMAT, "format_version": FORMAT_VERSION,
+              **{k: v for k, v in config.items() if k != "sha256"}}
     tmp = adir / f".{ADAPTER_FILE}.tmp"
+    config["sha256"] = {ADAPTER_FILE: "0" * 64}
+    check_adapter(config, state, adir)
     save_file(state, str(tmp), metadata={"format": ADAPTER_FORMAT})
+    config["sha256"] = {ADAPTER_FILE: sha256_file(tmp)}
     os.replace(tmp, adir / ADAPTER_FILE)
     write_json(adir / ADAPTER_CONFIG, config)
     return config
@@ -76,6 +81,11 @@ def check_adapter(cfg: dict, state: dict[str, torch.Tensor] | None, adir: Path) 
     missing = [k for k in REQUIRED if k not in cfg]
     if missing:
         raise QaloraError(f"{where!r} is corrupt (lacks {', '.join(missing)})")
+    recorded = cfg.get("sha256")
+    if not is_sha256(recorded.get(ADAPTER_FILE) if isinstance(recorded, dict) else None):
+        raise QaloraError(f"{where!r} has no sha256 of {ADAPTER_FILE}; it was not written by qalora or was edited")
+    if not is_sha256(cfg["base_sha256"]):
+        raise QaloraError(f"{where!r} has no valid base_sha256; it was not written by qalora or was edited")
     get_method(cfg["method"])
     try:
         kinds = ordered(cfg["kinds"])
@@ -98,6 +108,11 @@ def check_adapter(cfg: dict, state: dict[str, torch.Tensor] | None, adir: Path) 
             raise QaloraError(f"adapter tensor {key} in {str(adir)!r} is ternary but holds values other than -1, 0, 1")
 
 
+def adapter_sha256(cfg: dict) -> str:
+    """The recorded SHA-256 of an adapter's weights file (``cfg`` checked by :func:`check_adapter`)."""
+    return cfg["sha256"][ADAPTER_FILE]
+
+
 def read_adapter_config(adir: str | os.PathLike) -> dict:
     adir = Path(adir).expanduser()
     if not adir.is_dir():
@@ -114,6 +129,8 @@ def read_adapter(adir: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
     path = adir / ADAPTER_FILE
     if not path.is_file():
         raise QaloraError(f"adapter weights {str(path)!r} are missing")
+    if sha256_file(path) != adapter_sha256(cfg):
+        raise QaloraError(f"adapter weights {str(path)!r} are corrupt (sha256 differs from {ADAPTER_CONFIG})")
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:

@@ -35,11 +35,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from qalora.checkpoint import WEIGHTS_FILE, read_meta
+from qalora.checkpoint import check_weights, read_meta
 from qalora.errors import QaloraError
 from qalora.export.gguf_blocks import (Q4_1_BLOCK, Q4_1_BYTES, max_abs_diff, q4_1_blocks, q4_1_unsupported,
                                        q4_1_weights, rotary_row_order, to_f16)
-from qalora.io import check_new_output, read_json, sha256_file
+from qalora.io import check_new_output, read_json
 from qalora.quant.qparams import dequantize
 from qalora.quant.weight import QuantizedWeight
 
@@ -295,7 +295,7 @@ def _hints(model_dir: Path, meta: dict) -> tuple[str, ...]:
 
 def export_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, *, fallback: str | None = None,
                 float_type: str = "f16", name: str | None = None, pre_tokenizer: str | None = None,
-                verify: bool = True, progress: bool = True) -> dict:
+                progress: bool = True) -> dict:
     """Write the qalora checkpoint ``model_dir`` as a llama.cpp GGUF file ``out_path`` (new).
 
     Args:
@@ -304,7 +304,6 @@ def export_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, *, fa
         float_type: ``"f16"`` or ``"f32"`` for unquantized matrices (embeddings, untied lm_head).
         name: ``general.name`` (default: the checkpoint folder's name).
         pre_tokenizer: llama.cpp pre-tokenizer (default: ``choose_pre_tokenizer``).
-        verify: check the weights' sha256 against ``qalora.json`` first.
     Returns:
         the report: path, file bytes, tensor count per GGML type, per tensor its type, source and
         max abs error vs qalora's fp32 weight, fallback tensors, tokenizer and metadata written.
@@ -320,11 +319,7 @@ def export_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, *, fa
     out = check_new_output(out_path)
     model_dir = Path(model_dir).expanduser()
     meta = read_meta(model_dir)
-    weights = model_dir / WEIGHTS_FILE
-    if not weights.is_file():
-        raise QaloraError(f"checkpoint weights {str(weights)!r} are missing")
-    if verify and (want := meta.get("sha256", {}).get(WEIGHTS_FILE)) and sha256_file(weights) != want:
-        raise QaloraError(f"checkpoint weights {str(weights)!r} are corrupt (sha256 differs from qalora.json)")
+    weights = check_weights(model_dir, meta)  # the recorded SHA-256, always
     config = AutoConfig.from_pretrained(model_dir)
     name = name or model_dir.resolve().name
 

@@ -45,9 +45,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from qalora.checkpoint import META_FILE, WEIGHTS_FILE, read_meta
+from qalora.checkpoint import check_weights, read_meta, weights_sha256
 from qalora.errors import QaloraError
-from qalora.io import atomic_dir, check_new_output, sha256_file, write_json
+from qalora.io import atomic_dir, check_new_output, write_json
 from qalora.quant.qparams import dequantize
 from qalora.quant.weight import QuantizedWeight
 
@@ -230,12 +230,11 @@ def _copy_side_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def export_torchao(model_dir: str | os.PathLike, out: str | os.PathLike, *, verify: bool = True,
-                   progress: bool = True) -> dict:
+def export_torchao(model_dir: str | os.PathLike, out: str | os.PathLike, *, progress: bool = True) -> dict:
     """Write the qalora checkpoint ``model_dir`` as a transformers + torchao folder ``out`` (new).
 
-    Args:
-        verify: check the weights' sha256 against ``qalora.json`` first.
+    The checkpoint's weights are checked against their recorded SHA-256 first.
+
     Returns:
         the report (also written as ``export_info.json``): path, folder bytes, bits, group size,
         source checkpoint and hash, versions, the max abs weight error vs qalora's fp32 weights
@@ -250,12 +249,8 @@ def export_torchao(model_dir: str | os.PathLike, out: str | os.PathLike, *, veri
     model_dir = Path(model_dir).expanduser()
     meta = read_meta(model_dir)
     _torchao()  # refuse early when torchao is missing
-    weights = model_dir / WEIGHTS_FILE
-    if not weights.is_file():
-        raise QaloraError(f"checkpoint weights {str(weights)!r} are missing")
-    want = meta.get("sha256", {}).get(WEIGHTS_FILE)
-    if verify and want and sha256_file(weights) != want:
-        raise QaloraError(f"checkpoint weights {str(weights)!r} are corrupt (sha256 differs from {META_FILE})")
+    weights = check_weights(model_dir, meta)
+    want = weights_sha256(meta)
     bits, group_size = _check_layers(meta["layers"])
     config = AutoConfig.from_pretrained(model_dir)
 

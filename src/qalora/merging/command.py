@@ -17,11 +17,11 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from qalora.adapters.format import ADAPTER_FILE, attach, check_base, read_adapter
+from qalora.adapters.format import adapter_sha256, attach, check_base, read_adapter
 from qalora.adapters.kinds.registry import get_kind
-from qalora.checkpoint import WEIGHTS_FILE, load, read_meta, write_checkpoint
+from qalora.checkpoint import WEIGHTS_FILE, load, read_meta, weights_sha256, write_checkpoint
 from qalora.errors import QaloraError
-from qalora.io import atomic_dir, check_new_output, sha256_file, write_json
+from qalora.io import atomic_dir, check_new_output, write_json
 from qalora.merging.surgery import merge_model_inplace, shared_copy
 from qalora.merging.verify import (DEFAULT_PROMPTS, MAX_WEIGHT_ULPS, MIN_TOLERANCE, auto_tolerance, fp64_checks,
                                  verify_merge, weight_errors)
@@ -46,7 +46,7 @@ def _check_compatible(cfg: dict, meta: dict, adir: Path, model_dir: Path) -> Non
             raise QaloraError(f"adapter {str(adir)!r} was trained on a {what} {cfg.get(key)} grid but checkpoint "
                               f"{str(model_dir)!r} has {what} {meta.get(what)}; merge into the checkpoint it was "
                               "trained on")
-    check_base(cfg, meta.get("sha256", {}).get(WEIGHTS_FILE), adir, model_dir)
+    check_base(cfg, weights_sha256(meta), adir, model_dir)
 
 
 @torch.no_grad()
@@ -160,7 +160,7 @@ def merge(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out: str
     allowed = {c for k in cfg["kinds"] for c in get_kind(k).changes}
     changes = changes_report(merged, names, model_dir / WEIGHTS_FILE, allowed)
 
-    adapter_sha = sha256_file(adir / ADAPTER_FILE)
+    adapter_sha = adapter_sha256(cfg)  # verified when the adapter was read
     new_meta = {k: v for k, v in meta.items() if k not in ("format", "format_version", "layers", "sha256")}
     new_meta["merged_adapter"] = {"path": str(adir), "sha256": adapter_sha, "method": cfg["method"],
                                   "kinds": list(cfg["kinds"]),
@@ -172,7 +172,8 @@ def merge(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out: str
               "method": cfg["method"], "kinds": list(cfg["kinds"]), "may_change": sorted(allowed), "changes": changes,
               "codes_and_scales_unchanged": not (changes["codes_changed"] or changes["scales_changed"]),
               "max_abs_offset_change": changes["max_abs_offset_change"],
-              "adapter": str(adir), "adapter_sha256": adapter_sha, "base": str(model_dir)}
+              "adapter": str(adir), "adapter_sha256": adapter_sha, "base": str(model_dir),
+              "base_sha256": weights_sha256(meta)}
     # checkpoint and report land together: one staging folder, renamed to ``out`` or deleted
     with atomic_dir(out) as tmp:
         write_checkpoint(merged, tokenizer, tmp, new_meta)

@@ -16,13 +16,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qalora.adapters.format import ADAPTER_FILE, load_adapted, read_adapter_config
+from qalora.adapters.format import adapter_sha256, load_adapted, read_adapter_config
 from qalora.adapters.kinds.lora import dense_delta
 from qalora.adapters.layer import AdaptedLinear
 from qalora.checkpoint import write_checkpoint
 from qalora.config import QuantConfig
 from qalora.errors import QaloraError
-from qalora.io import atomic_dir, check_new_output, sha256_file, write_json
+from qalora.io import atomic_dir, check_new_output, write_json
 from qalora.merging.surgery import shared_copy
 from qalora.merging.verify import verify_merge
 from qalora.patch import set_submodule
@@ -98,7 +98,8 @@ def requantize(model: str | os.PathLike | None, adapter_dir: str | os.PathLike, 
     adir = Path(adapter_dir).expanduser()
     report = {**verification, "lossy": True, "requantize": config.method, "bits": config.bits,
               "group_size": config.group_size, "adapter_method": cfg["method"], "layers_merged": len(names),
-              "adapter": str(adir), "adapter_sha256": sha256_file(adir / ADAPTER_FILE), "base": str(model)}
+              "adapter": str(adir), "adapter_sha256": adapter_sha256(cfg), "base": str(model),
+              "base_sha256": cfg["base_sha256"]}
     meta = {"source_model": str(model), "quant_config": config.to_dict(), "bits": config.bits,
             "group_size": config.group_size, "method": config.method,
             "merged_adapter": {"path": str(adir), "method": cfg["method"], "rank": cfg["rank"], "alpha": cfg["alpha"],

@@ -70,42 +70,38 @@ def row_id(row: MethodRow, bits: int, group: int) -> str:
 def _merge_row(ws, row: MethodRow, bits: int, group: int):
     """``(merged checkpoint, merge report, adapter config)`` of a tuned row (cached)."""
     from qalora.config import QuantConfig
-    from qalora.merging.command import REPORT_FILE, merge
-    from qalora.merging.requantize import requantize
 
     rid = row_id(row, bits, group)
     base = ws.base("gptq", bits, group)
     if row.method == "qlora":
         adir, acfg = ws.adapter("qlora", ws.fp_folder, "qlora")
-    else:
-        adir, acfg = ws.adapter(row.method, base, rid, **row.switches)
-    path = ws.root / "models" / rid
-    if not (path / REPORT_FILE).is_file():
-        path.parent.mkdir(exist_ok=True)
-        if row.method == "qlora":
-            requantize(ws.fp_folder, adir, path, QuantConfig(bits=bits, group_size=group, method="gptq",
-                                                             calib_samples=ws.b.calib_samples), progress=ws.progress)
-        else:
-            merge(base, adir, path, progress=ws.progress)
-    return path, read_json(path / REPORT_FILE, "merge report"), acfg
+        requant = QuantConfig(bits=bits, group_size=group, method="gptq", calib_samples=ws.b.calib_samples)
+        return (*ws.merged_model(rid, adir, acfg, ws.fp_folder, requant), acfg)
+    adir, acfg = ws.adapter(row.method, base, rid, **row.switches)
+    return (*ws.merged_model(rid, adir, acfg, base), acfg)
 
 
 def method_row(ws, row: MethodRow, bits: int, group: int) -> dict:
-    """The row's record (cached under ``rows/``)."""
+    """The row's record (cached under ``rows/``; reused only when it records the checkpoint this
+    run's stages hold)."""
     from qalora.checkpoint import load
     from qalora.models import load_tokenizer
 
     rid = row_id(row, bits, group)
     cached = ws.root / "rows" / f"{rid}.json"
-    if cached.is_file():
-        return read_json(cached, "row result")
-    t0 = time.time()
-    rec = {"id": rid, "row": row.name, "label": row.label, "method": row.method, "switches": row.switches,
-           "bits": bits, "group_size": group}
     if row.method is None:
-        path = ws.base("gptq", bits, group)
+        path, report, acfg = ws.base("gptq", bits, group), None, None
     else:
         path, report, acfg = _merge_row(ws, row, bits, group)
+    inputs = ws.checkpoint_identity(path)
+    if cached.is_file():
+        rec = read_json(cached, "row result")
+        ws.check_row(cached, rec, inputs)
+        return rec
+    t0 = time.time()
+    rec = {"id": rid, "row": row.name, "label": row.label, "method": row.method, "switches": row.switches,
+           "bits": bits, "group_size": group, "inputs": inputs}
+    if report is not None:
         c = report.get("changes", {})
         rec.update({"kinds": acfg["kinds"], "trainable_parameters": acfg["trainable_parameters"],
                     "adapter_state_bits": acfg.get("adapter_state_bits"), "train_steps": acfg["steps"],

@@ -26,7 +26,8 @@ import torch
 
 from qalora.config import LoraConfig, QuantConfig, TrainConfig
 from qalora.errors import QaloraError
-from qalora.io import read_json, work_dir, write_json
+from qalora.io import model_fingerprint, read_json, work_dir, write_json
+from qalora.stages.identity import require_same
 from qalora.reproduce.plan import COMMONSENSE, EXTRA_CHOICE, Budget, Row, budget as get_budget, plan_rows
 
 
@@ -43,57 +44,111 @@ class Workspace:
         from qalora.default_model import resolve_model
 
         self.fp_folder = resolve_model(model)
+        self.source_sha256 = model_fingerprint(self.fp_folder)
         self._heldout = None
 
-    # --- stages --------------------------------------------------------------------------------
+    # --- stages: each reused only when its recorded inputs are this run's (stages.identity) ----
     def base(self, method: str, bits: int, group: int) -> Path:
         from qalora.api import quantize
+        from qalora.checkpoint import read_meta
 
         path = self.root / "bases" / f"{method}-int{bits}-g{group}"
-        if not (path / "qalora.json").is_file():
-            _say(f"quantize {path.name}", self.progress)
-            path.parent.mkdir(exist_ok=True)
-            quantize(self.fp_folder, path, QuantConfig(bits=bits, group_size=group, method=method,
-                                                       calib_samples=self.b.calib_samples), progress=self.progress)
+        config = QuantConfig(bits=bits, group_size=group, method=method, calib_samples=self.b.calib_samples)
+        if (path / "qalora.json").is_file():
+            meta = read_meta(path)
+            require_same(path, "quantized base", {"source_sha256": meta.get("source_sha256"),
+                                                  "quant_config": _normalized(QuantConfig, meta.get("quant_config"))},
+                         {"source_sha256": self.source_sha256, "quant_config": config.to_dict()}, hint=HINT)
+            return path
+        _say(f"quantize {path.name}", self.progress)
+        path.parent.mkdir(exist_ok=True)
+        quantize(self.fp_folder, path, config, progress=self.progress)
         return path
 
     def adapter(self, method: str, base: Path, name: str, **switches) -> tuple[Path, dict]:
         """Train (or reuse) adapter ``name`` of ``method`` on ``base``; ``switches`` are
         ``LoraConfig`` options such as ``train_scales`` or ``with_qalora``."""
+        from qalora.adapters.base import base_fingerprint
         from qalora.adapters.format import ADAPTER_CONFIG, read_adapter_config
+        from qalora.adapters.methods import method_kinds
         from qalora.training.loop import RUN_FILE, train
 
+        b = self.b
         path = self.root / "adapters" / name
-        if not (path / ADAPTER_CONFIG).is_file():
-            b = self.b
-            cfg = TrainConfig(method=method, steps=b.steps, batch_size=b.batch_size, max_seq_len=b.max_seq_len,
-                              lr=b.lr, seed=b.seed, eval_every=b.steps, save_every=max(1, b.steps // 4))
-            _say(f"train {name} ({method}, {b.steps} steps)", self.progress)
-            path.parent.mkdir(exist_ok=True)
-            train(base, path, cfg, LoraConfig(rank=b.rank, alpha=b.alpha, **switches), resume=(path / RUN_FILE).is_file(),
-                  progress=self.progress)
+        cfg = TrainConfig(method=method, steps=b.steps, batch_size=b.batch_size, max_seq_len=b.max_seq_len,
+                          lr=b.lr, seed=b.seed, eval_every=b.steps, save_every=max(1, b.steps // 4))
+        lora = LoraConfig(rank=b.rank, alpha=b.alpha, **switches)
+        if (path / ADAPTER_CONFIG).is_file():
+            done = read_adapter_config(path)
+            wanted = {"base_sha256": base_fingerprint(method, base), "train_config": cfg.to_dict(), "rank": lora.rank,
+                      "alpha": lora.alpha, "kinds": list(method_kinds(method, lora))}
+            if lora.lota_omega is not None:
+                wanted["lota_omega"] = lora.lota_omega
+            require_same(path, "adapter", {**done, "train_config": _normalized(TrainConfig, done.get("train_config"))},
+                         wanted, hint=HINT)
+            return path, done
+        _say(f"train {name} ({method}, {b.steps} steps)", self.progress)
+        path.parent.mkdir(exist_ok=True)
+        train(base, path, cfg, lora, resume=(path / RUN_FILE).is_file(), progress=self.progress)
         return path, read_adapter_config(path)
 
-    def merged(self, row: Row) -> tuple[Path, dict, dict]:
-        """``(checkpoint, merge report, adapter config)`` of a qalora / qlora+X row."""
+    def merged_model(self, rid: str, adir: Path, acfg: dict, base: Path,
+                     requant: QuantConfig | None = None) -> tuple[Path, dict]:
+        """``(checkpoint, merge report)`` of adapter ``adir`` merged exactly into the quantized
+        ``base``, or (``requant``) merged in full precision into the model ``base`` and quantized
+        again; built once under ``models/rid``."""
+        from qalora.adapters.format import adapter_sha256
         from qalora.merging.command import REPORT_FILE, merge
         from qalora.merging.requantize import requantize
 
-        path = self.root / "models" / row.id
-        if row.method == "qalora":
-            adir, acfg = self.adapter("qalora", self.base("gptq", row.bits, row.group_size), row.id)
+        path = self.root / "models" / rid
+        wanted = {"adapter_sha256": adapter_sha256(acfg), "base_sha256": acfg["base_sha256"]}
+        if requant is not None:
+            wanted.update(requantize=requant.method, bits=requant.bits, group_size=requant.group_size)
+        if (path / REPORT_FILE).is_file():
+            report = read_json(path / REPORT_FILE, "merge report")
+            require_same(path, "merged model", report, wanted, hint=HINT)
+            return path, report
+        path.parent.mkdir(exist_ok=True)
+        _say(f"merge {rid}", self.progress)
+        if requant is None:
+            merge(base, adir, path, progress=self.progress)
         else:
-            adir, acfg = self.adapter("qlora", self.fp_folder, "qlora")
-        if not (path / REPORT_FILE).is_file():
-            path.parent.mkdir(exist_ok=True)
-            _say(f"merge {row.id}", self.progress)
-            if row.method == "qalora":
-                merge(self.base("gptq", row.bits, row.group_size), adir, path, progress=self.progress)
-            else:
-                config = QuantConfig(bits=row.bits, group_size=row.group_size, method=row.method.split("+")[1],
-                                     calib_samples=self.b.calib_samples)
-                requantize(self.fp_folder, adir, path, config, progress=self.progress)
-        return path, read_json(path / REPORT_FILE, "merge report"), acfg
+            requantize(base, adir, path, requant, progress=self.progress)
+        return path, read_json(path / REPORT_FILE, "merge report")
+
+    def merged(self, row: Row) -> tuple[Path, dict, dict]:
+        """``(checkpoint, merge report, adapter config)`` of a qalora / qlora+X row."""
+        if row.method == "qalora":
+            base = self.base("gptq", row.bits, row.group_size)
+            adir, acfg = self.adapter("qalora", base, row.id)
+            return (*self.merged_model(row.id, adir, acfg, base), acfg)
+        adir, acfg = self.adapter("qlora", self.fp_folder, "qlora")
+        requant = QuantConfig(bits=row.bits, group_size=row.group_size, method=row.method.split("+")[1],
+                              calib_samples=self.b.calib_samples)
+        return (*self.merged_model(row.id, adir, acfg, self.fp_folder, requant), acfg)
+
+    def checkpoint_identity(self, path: Path) -> dict:
+        """What a cached row records of the checkpoint it evaluated."""
+        from qalora.checkpoint import read_meta, weights_sha256
+
+        return {"checkpoint_sha256": weights_sha256(read_meta(path))}
+
+    def check_row(self, path: Path, rec: dict, inputs: dict) -> None:
+        """Refuse a cached row whose recorded inputs are not this run's artifacts'."""
+        require_same(path, "row result", rec.get("inputs"), inputs, hint=HINT)
+
+    def row_inputs(self, row: Row) -> dict:
+        """The identity of what a paper row evaluates (building missing stages)."""
+        if row.method == "base":
+            return {"source_sha256": self.source_sha256}
+        if row.method in ("lora", "qlora"):
+            from qalora.adapters.format import adapter_sha256
+
+            return {"adapter_sha256": adapter_sha256(self.adapter(row.method, self.fp_folder, row.method)[1])}
+        if row.method in ("rtn", "gptq"):
+            return self.checkpoint_identity(self.base(row.method, row.bits, row.group_size))
+        return self.checkpoint_identity(self.merged(row)[0])
 
     # --- rows ----------------------------------------------------------------------------------
     def build(self, row: Row) -> tuple[torch.nn.Module, object, dict]:
@@ -154,8 +209,10 @@ class Workspace:
         """The row's record, computed once and cached; a record from before the held-out loss
         existed gets it added (the row is rebuilt from its cached artifacts)."""
         path = self.root / "rows" / f"{row.id}.json"
+        inputs = self.row_inputs(row)
         if path.is_file():
             rec = read_json(path, "row result")
+            self.check_row(path, rec, inputs)
             if "heldout_loss" not in rec:
                 model, tok, _ = self.build(row)
                 _say(f"held-out loss {row.id}", self.progress)
@@ -173,11 +230,22 @@ class Workspace:
         del model
         gc.collect()
         rec = {"id": row.id, "label": row.label, "method": row.method, "bits": row.bits,
-               "group_size": row.group_size, **facts, "results": results, "heldout_loss": loss,
+               "group_size": row.group_size, "inputs": inputs, **facts, "results": results, "heldout_loss": loss,
                "build_seconds": round(t1 - t0, 1), "eval_seconds": round(time.time() - t1, 1)}
         path.parent.mkdir(exist_ok=True)
         write_json(path, rec)
         return rec
+
+
+HINT = "delete it (its run recorded other inputs) or use another --out"
+
+
+def _normalized(cls, recorded) -> dict | None:
+    """A configuration recorded as JSON, as ``cls`` would write it now (``None`` if it is not one)."""
+    try:
+        return cls(**recorded).to_dict()
+    except (TypeError, QaloraError):
+        return None
 
 
 def _n_params(model: torch.nn.Module) -> int:
@@ -219,15 +287,19 @@ def reproduce(out: str | os.PathLike = "qalora-reproduce", budget: str = "small"
         raise QaloraError(f"suite {suite!r} is unknown; use one of: {', '.join(SUITES)}")
     b = get_budget(budget)
     root = work_dir(out)
-    plan = {"budget": b.name, "model": str(model), "budget_settings": {k: v for k, v in vars(b).items()}}
+    ws = Workspace(root, model, b, progress)
+    plan = {"budget": b.name, "model": str(model), "source_sha256": ws.source_sha256,
+            "budget_settings": {k: v for k, v in vars(b).items()}}
     if (root / "plan.json").is_file():
         recorded = read_json(root / "plan.json", "reproduce plan")
-        if recorded != plan:
+        if {k: recorded.get(k) for k in ("budget", "model", "budget_settings")} != \
+                {k: plan[k] for k in ("budget", "model", "budget_settings")}:
             raise QaloraError(f"{str(root)!r} holds a run with budget {recorded.get('budget')!r} on "
                               f"{recorded.get('model')!r}; use another --out for budget {b.name!r} on {model!r}")
+        require_same(root / "plan.json", "reproduce plan", recorded, {"source_sha256": ws.source_sha256},
+                     hint="use another --out for this model")
     else:
         write_json(root / "plan.json", plan)
-    ws = Workspace(root, model, b, progress)
     if suite == "methods":
         from qalora.reproduce.methods import GRIDS, run_methods
 

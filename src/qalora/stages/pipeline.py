@@ -7,11 +7,15 @@ have written, so each result can be reused on its own::
     out/adapter/      qalora train      (QA-LoRA on the default instruction mixture)
     out/merged/       qalora merge      (+ merge_report.json)
     out/model.gguf    qalora export --format gguf
+    out/model.gguf.json   what the GGUF was exported from (merged weights SHA-256) and its options
     out/pipeline.json the summary table below, as JSON
 
-Running the same command again resumes: a finished stage whose recorded configuration equals
-the requested one is reused, an interrupted training run is resumed from its last checkpoint,
-and a stage recorded with another configuration is refused rather than mixed in.
+Running the same command again resumes: a finished stage whose recorded inputs equal the
+requested ones is reused (the source model's fingerprint and the quantization config; the base
+checkpoint's SHA-256 and the training config; the adapter's and the base's SHA-256; the merged
+weights' SHA-256 and the export options), an interrupted training run is resumed from its last
+checkpoint, and a stage recorded with other inputs is refused (one line, nothing written) rather
+than mixed in (:mod:`qalora.stages.identity`).
 """
 
 from __future__ import annotations
@@ -23,12 +27,15 @@ from pathlib import Path
 
 import torch
 
-from qalora.config import LoraConfig, QuantConfig, TrainConfig, PipelineConfig
+from qalora.checkpoint import weights_sha256
+from qalora.config import LoraConfig, PipelineConfig, QuantConfig, TrainConfig
 from qalora.errors import QaloraError
-from qalora.io import read_json, sha256_file, work_dir, write_json
+from qalora.io import model_fingerprint, read_json, sha256_file, work_dir, write_json
+from qalora.stages.identity import require_same
 
 SUMMARY_FILE = "pipeline.json"
 SPEED_PROMPT = "Write a short paragraph about why the sky is blue."
+GGUF_OPTIONS = (("float_type", "f16"), ("fallback", None))  # export_gguf's options, recorded with the file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,68 +70,86 @@ def _say(msg: str, progress: bool) -> None:
         print(f"[qalora pipeline] {msg}", flush=True)
 
 
-def _same_config(cls, recorded: dict | None, wanted) -> bool:
-    """Whether a configuration recorded as JSON equals ``wanted`` (a dataclass of type ``cls``)."""
+def _normalized(cls, recorded) -> dict | None:
+    """A configuration recorded as JSON, as ``cls`` would write it now (``None`` if it is not one)."""
     try:
-        return recorded is not None and cls(**recorded) == wanted
+        return cls(**recorded).to_dict()
     except (TypeError, QaloraError):
-        return False
+        return None
 
 
 def _stage_quantize(model, paths: PipelinePaths, quant: QuantConfig, progress: bool) -> dict:
     from qalora.api import quantize
     from qalora.checkpoint import read_meta
+    from qalora.default_model import resolve_model
 
     if paths.quantized.exists():
         meta = read_meta(paths.quantized)
-        if not _same_config(QuantConfig, meta.get("quant_config"), quant):
-            raise QaloraError(f"{str(paths.quantized)!r} was quantized with {meta.get('quant_config')}, not the requested "
-                              f"{quant.to_dict()}; choose another --out")
+        require_same(paths.quantized, "quantized model",
+                     {"source_sha256": meta.get("source_sha256"),
+                      "quant_config": _normalized(QuantConfig, meta.get("quant_config") or {})},
+                     {"source_sha256": model_fingerprint(resolve_model(model)), "quant_config": quant.to_dict()})
         _say(f"1/5 quantize: reusing {paths.quantized}", progress)
         return meta
     _say(f"1/5 quantize: INT{quant.bits} g{quant.group_size} {quant.method} -> {paths.quantized}", progress)
     return quantize(model, paths.quantized, quant, progress=progress)
 
 
-def _stage_train(paths: PipelinePaths, cfg: TrainConfig, lora: LoraConfig, progress: bool) -> dict:
-    from qalora.adapters.format import ADAPTER_CONFIG, read_adapter_config
+def _stage_train(paths: PipelinePaths, cfg: TrainConfig, lora: LoraConfig, base_sha256: str, progress: bool) -> dict:
+    from qalora.adapters.format import ADAPTER_CONFIG, lora_config_of, read_adapter_config
     from qalora.training.loop import RUN_FILE, train
 
     if (paths.adapter / ADAPTER_CONFIG).is_file():
         done = read_adapter_config(paths.adapter)
-        recorded = {k: done.get(k) for k in ("rank", "alpha", "dropout", "targets")}
-        if not (_same_config(TrainConfig, done.get("train_config"), cfg) and _same_config(LoraConfig, recorded, lora)):
-            raise QaloraError(f"{str(paths.adapter)!r} holds an adapter trained with another configuration; "
-                              "choose another --out")
+        require_same(paths.adapter, "adapter",
+                     {"base_sha256": done["base_sha256"], "train_config": _normalized(TrainConfig, done.get("train_config") or {}),
+                      "lora": lora_config_of(done).to_dict()},
+                     {"base_sha256": base_sha256, "train_config": cfg.to_dict(), "lora": lora.to_dict()})
         _say(f"2/5 train: reusing {paths.adapter}", progress)
         return done
-    resume = (paths.adapter / RUN_FILE).is_file()
+    resume = (paths.adapter / RUN_FILE).is_file()  # train() refuses a run begun on another base or config
     _say(f"2/5 train: QA-LoRA, {cfg.steps} steps{' (resuming)' if resume else ''} -> {paths.adapter}", progress)
     return train(paths.quantized, paths.adapter, cfg, lora, resume=resume, progress=progress)
 
 
-def _stage_merge(paths: PipelinePaths, progress: bool) -> dict:
+def _stage_merge(paths: PipelinePaths, base_sha256: str, progress: bool) -> dict:
     from qalora.adapters.format import ADAPTER_FILE
     from qalora.merging.command import REPORT_FILE, merge
 
     if (paths.merged / REPORT_FILE).is_file():
         report = read_json(paths.merged / REPORT_FILE, "merge report")
-        if report.get("adapter_sha256") != sha256_file(paths.adapter / ADAPTER_FILE):
-            raise QaloraError(f"{str(paths.merged)!r} holds another adapter's merge; choose another --out")
+        require_same(paths.merged, "merged model", report,
+                     {"adapter_sha256": sha256_file(paths.adapter / ADAPTER_FILE), "base_sha256": base_sha256})
         _say(f"3/5 merge: reusing {paths.merged}", progress)
         return report
     _say(f"3/5 merge + verify -> {paths.merged}", progress)
     return merge(paths.quantized, paths.adapter, paths.merged, progress=progress)
 
 
-def _stage_export(paths: PipelinePaths, progress: bool) -> dict:
+def export_record(paths: PipelinePaths) -> Path:
+    """The record beside the pipeline's GGUF file: what it was exported from, with which options."""
+    return paths.gguf.with_name(paths.gguf.name + ".json")
+
+
+def _stage_export(paths: PipelinePaths, options: dict, progress: bool) -> dict:
+    from qalora.checkpoint import read_meta
     from qalora.export.gguf import export_gguf
 
-    if paths.gguf.is_file():
+    wanted = {"checkpoint_sha256": weights_sha256(read_meta(paths.merged)), "options": options}
+    record = export_record(paths)
+    if paths.gguf.exists():
+        recorded = read_json(record, "export record") if record.is_file() else None
+        require_same(paths.gguf, "GGUF export", recorded, wanted, hint="delete it or choose another --out")
+        if recorded.get("gguf_sha256") != sha256_file(paths.gguf):
+            raise QaloraError(f"{str(paths.gguf)!r} differs from the file that was exported (sha256 in "
+                              f"{record.name}); it was edited or truncated; delete it or choose another --out")
         _say(f"4/5 export: reusing {paths.gguf}", progress)
         return {"path": str(paths.gguf), "bytes": paths.gguf.stat().st_size}
     _say(f"4/5 export GGUF -> {paths.gguf}", progress)
-    report = export_gguf(paths.merged, paths.gguf, progress=progress)
+    if record.exists():
+        record.unlink()  # a record without its file describes nothing
+    report = export_gguf(paths.merged, paths.gguf, progress=progress, **options)
+    write_json(record, {**wanted, "source": str(paths.merged), "gguf_sha256": sha256_file(paths.gguf)})
     return {**report, "path": str(paths.gguf), "bytes": paths.gguf.stat().st_size}
 
 
@@ -188,15 +213,17 @@ def pipeline(model: str | os.PathLike | None = "default", out: str | os.PathLike
         return result
 
     qmeta = timed("quantize", _stage_quantize, model, paths, quant, progress)
-    adapter = timed("train", _stage_train, paths, train_cfg, lora, progress)
-    report = timed("merge", _stage_merge, paths, progress)
-    gguf = timed("export", _stage_export, paths, progress) if export else None
+    base_sha256 = weights_sha256(qmeta)
+    adapter = timed("train", _stage_train, paths, train_cfg, lora, base_sha256, progress)
+    report = timed("merge", _stage_merge, paths, base_sha256, progress)
+    gguf = timed("export", _stage_export, paths, dict(GGUF_OPTIONS), progress) if export else None
     speed = timed("speed", _stage_speed, paths, speed_tokens, progress)
 
     qbytes = (paths.quantized / "model.safetensors").stat().st_size
     mbytes = (paths.merged / "model.safetensors").stat().st_size
     summary = {
-        "model": str(model), "out": str(root), "bits": quant.bits, "group_size": quant.group_size,
+        "model": str(model), "source_sha256": qmeta.get("source_sha256"), "base_sha256": base_sha256,
+        "adapter_sha256": report.get("adapter_sha256"), "out": str(root), "bits": quant.bits, "group_size": quant.group_size,
         "quant_method": quant.method, "bits_per_quantized_weight": qmeta["report"].get("bits_per_quantized_weight"),
         "quantized_bytes": qbytes, "merged_bytes": mbytes, "gguf_bytes": gguf["bytes"] if gguf else None,
         "train_steps": adapter["steps"], "trainable_parameters": adapter["trainable_parameters"],
