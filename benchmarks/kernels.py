@@ -3,8 +3,10 @@
 For each shape and row count M, times ``QuantLinear`` on the int4 kernel and on the reference
 path (unpack + dequantize + fp32 GEMM), a dense fp32 and bf16 ``F.linear``, and prints the
 error of each quantized path vs the fp32 matmul of the dequantized weight (max abs and SQNR).
-Writes ``benchmarks/results/kernels.json``. This is where the ``auto`` crossover (int4 for
-M <= 64 rows on CPU) comes from.
+Writes ``benchmarks/results/kernels.json`` (the README's kernel table, checked against it by
+``tests/test_docs.py``). ``auto`` takes the int4 kernel at every row count it supports
+(``qalora.kernels.registry``); this table is what that choice rests on, and what would show a
+machine where dense GEMM wins for large M (``Kernel.max_rows``).
 
     python benchmarks/kernels.py [--shapes 4096x4096 1536x576] [--rows 1 16 64 256 1024]
 """

@@ -145,12 +145,56 @@ def plot(rows: list[dict], path: str | os.PathLike, group_size: int = 32) -> Non
     plt.close(fig)
 
 
+def adapter_of(row: dict) -> str | None:
+    """The adapter a row's model was tuned with, named as ``qalora reproduce`` names it under
+    ``adapters/``: ``lora``; ``qlora``, shared by the QLoRA row and every QLoRA w/ RTN / GPTQ row;
+    the row's own id for a QA-LoRA row. ``None`` for a row without training."""
+    if not row.get("train_seconds"):
+        return None
+    method = str(row.get("method"))
+    return "qlora" if method.startswith("qlora") else "lora" if method == "lora" else row["id"]
+
+
+def timing(rows: list[dict]) -> dict:
+    """Seconds the rows took, every adapter's training counted once::
+
+        evaluate          sum of the rows' eval_seconds (tasks, perplexity, held-out loss)
+        build             sum of the rows' build_seconds (quantize, train, merge in that call)
+        earlier_training  training no row's build_seconds holds (an adapter trained, wholly or in
+                          part, before the call that built its first row: a resumed run)
+        total             the three together
+
+    A row's ``build_seconds`` hold its adapter's training only when the training ran in the same
+    call, and only for the first row that uses the adapter (the others reuse it). So for each
+    adapter the recorded training time (``train_seconds``: seconds per step x steps) is compared
+    with the build time of the first row that uses it, and the shortfall
+    ``max(0, train_seconds - build_seconds)`` is added once."""
+    evaluate = sum(r.get("eval_seconds") or 0.0 for r in rows)
+    build = sum(r.get("build_seconds") or 0.0 for r in rows)
+    earlier, seen = 0.0, set()
+    for r in rows:
+        name = adapter_of(r)
+        if name is None or name in seen:
+            continue
+        seen.add(name)
+        earlier += max(0.0, r["train_seconds"] - (r.get("build_seconds") or 0.0))
+    return {"evaluate": round(evaluate, 1), "build": round(build, 1), "earlier_training": round(earlier, 1),
+            "total": round(evaluate + build + earlier, 1)}
+
+
+def _time_line(t: dict) -> str:
+    h = {k: v / 3600 for k, v in t.items()}
+    earlier = (f", and {h['earlier_training']:.1f} h of training that ran before the call that built its row"
+               if t["earlier_training"] else "")
+    return (f"Build + evaluation time of all rows: {h['total']:.1f} h (evaluation {h['evaluate']:.1f} h, builds "
+            f"{h['build']:.1f} h{earlier}; every adapter's training counted once).")
+
+
 def results_markdown(summary: dict, command: str, notes: str = "") -> str:
-    """The whole ``RESULTS.md``: setting, command, machine, table, verdicts, notes."""
+    """The whole ``RESULTS.md``: setting, command, machine, time, table, verdicts, notes."""
     rows, b, m = summary["rows"], summary["budget_settings"], summary["machine"]
     equal = sorted(same_as_base(rows))
     shipped = " (the embedded SmolLM2 ships as Q4_1, i.e. on the INT4 g32 grid)" if summary["model"] == "default" else ""
-    hours = summary.get("seconds_total", 0) / 3600
     parts = [
         "# Results: the paper's Table 1 on the embedded model",
         "",
@@ -164,7 +208,7 @@ def results_markdown(summary: dict, command: str, notes: str = "") -> str:
         f"Command: `{command}`",
         "",
         f"Machine: {m['processor']}, {m['cpus']} CPUs ({m['torch_threads']} torch threads), "
-        f"torch {m['torch']}, GPU: {m['cuda'] or 'none'}. Build + evaluation time of all rows: {hours:.1f} h.",
+        f"torch {m['torch']}, GPU: {m['cuda'] or 'none'}. {_time_line(timing(rows))}",
         "",
         "Accuracy in % ± standard error (binomial, over the items scored); the customary metric per task "
         "(acc_norm for HellaSwag, ARC, PIQA, OpenBookQA; acc for WinoGrande, BoolQ, SIQA). Every row computes "

@@ -27,6 +27,7 @@ import torch
 from qalora.config import LoraConfig, QuantConfig, TrainConfig
 from qalora.errors import QaloraError
 from qalora.io import model_fingerprint, read_json, work_dir, write_json
+from qalora.reproduce.report import timing
 from qalora.stages.identity import require_same
 from qalora.reproduce.plan import COMMONSENSE, EXTRA_CHOICE, Budget, Row, budget as get_budget, plan_rows
 
@@ -325,6 +326,6 @@ def reproduce(out: str | os.PathLike = "qalora-reproduce", budget: str = "small"
         done.append(ws.row(row))
     summary = {**plan, "machine": machine(), "rows": done,
                "seconds_this_call": round(time.time() - t0, 1),
-               "seconds_total": round(sum(r["build_seconds"] + r["eval_seconds"] for r in done), 1)}
+               "seconds_total": timing(done)["total"]}
     write_json(root / "results.json", summary)
     return summary

@@ -1,0 +1,378 @@
+"""The figures in README.md and docs/ against the committed JSON they come from.
+
+Pure file parsing, no model: each README table with a JSON source is found by its header line,
+its rows are parsed, and every figure is compared with the JSON's value *rounded as printed*:
+a printed ``1.5e-5`` passes for values in [1.45e-5, 1.55e-5], a printed ``91.7 %`` for
+[91.65, 91.75] % (half a unit of the last printed digit, no other slack). ``docs/RESULTS.md`` must
+be exactly what ``qalora.reproduce.report.results_markdown`` writes from ``docs/results.json`` and
+``docs/NOTES.md``, and ``docs/results.json`` must hold the fields ``qalora reproduce`` writes.
+A README table without a JSON must say so beside it (``UNCHECKED``), and every check is run once
+more on a README with one figure of its table changed by one unit of the last digit, which it
+must refuse.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+NOT_BACKED = "Nothing committed backs these figures"
+
+
+def load(rel: str):
+    return json.loads((ROOT / rel).read_text())
+
+
+# ------------------------------------------------------------------------------- parsing helpers
+
+def _cells(line: str) -> list[str]:
+    """The cells of one Markdown table line (``\\|`` inside a cell is not a separator)."""
+    body = line.strip()
+    body = body[1:-1] if body.endswith("|") else body[1:]
+    return [c.strip() for c in re.split(r"(?<!\\)\|", body)]
+
+
+def table_at(md: str, header_start: str) -> tuple[int, list[str], list[list[str]]]:
+    """``(line index, header cells, body rows)`` of the one table whose header line starts with
+    ``header_start`` (leading spaces ignored: tables inside list items count too)."""
+    lines = md.splitlines()
+    hits = [i for i, line in enumerate(lines) if line.strip().startswith(header_start)]
+    assert len(hits) == 1, f"{len(hits)} tables start with {header_start!r}"
+    i = hits[0]
+    assert set(lines[i + 1].strip()) <= set("|-: "), f"no separator line under {header_start!r}"
+    rows, j = [], i + 2
+    while j < len(lines) and lines[j].strip().startswith("|"):
+        rows.append(_cells(lines[j]))
+        j += 1
+    return i, _cells(lines[i]), rows
+
+
+NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?")
+
+
+def printed(text: str) -> tuple[float, float]:
+    """``(value, half a unit of its last digit)`` of the one number in ``text``."""
+    found = NUMBER.findall(text)
+    assert len(found) == 1, f"expected one number in {text!r}, found {found}"
+    number = found[0].replace(",", "")
+    mantissa, _, exponent = number.lower().partition("e")
+    decimals = len(mantissa.partition(".")[2])
+    return float(number), 0.5 * 10.0 ** (int(exponent or 0) - decimals)
+
+
+def agrees(text: str, value: float, scale: float = 1.0) -> bool:
+    """Whether ``value * scale`` rounds to the number printed in ``text``."""
+    x, half = printed(text)
+    return abs(value * scale - x) <= half * (1 + 1e-9)
+
+
+def check(text: str, value, where: str, scale: float = 1.0) -> None:
+    assert value is not None and agrees(text, value, scale), \
+        f"{where}: the README prints {text!r}, the JSON holds {value!r}" + (f" (x {scale:g})" if scale != 1 else "")
+
+
+def named_beside(md: str, line: int, source: str, before: int = 14) -> None:
+    """The table at ``line`` names its JSON in the lines just above it."""
+    above = "\n".join(md.splitlines()[max(0, line - before):line])
+    assert source in above, f"the table at README line {line + 1} does not name {source}"
+
+
+def test_printed_rounding():
+    assert agrees("1.5e-5", 1.549440570691729e-05) and not agrees("1.6e-5", 1.549440570691729e-05)
+    assert agrees("3.3e-4", 3.2512e-4) and not agrees("3.2e-4", 3.2512e-4)
+    assert agrees("82 %", 0.824999988, 100) and not agrees("83 %", 0.824999988, 100)
+    assert agrees("10,252,800", 10252800) and not agrees("10,252,801", 10252800)
+    assert agrees("10.25 M", 10252800, 1e-6) and agrees("0 s", 0.49) and not agrees("0 s", 0.51)
+
+
+# ----------------------------------------------------------------------------------- the checks
+
+def check_quantize_ppl(md: str) -> None:
+    line, _, rows = table_at(md, "| model | method | perplexity |")
+    named_beside(md, line, "benchmarks/results/quantize_ppl.json")
+    js = load("benchmarks/results/quantize_ppl.json")["rows"]
+    assert len(rows) == len(js), "README and quantize_ppl.json have different rows"
+    for cells, r in zip(rows, js):
+        model, method, ppl, bpw, seconds = cells
+        where = f"quantize_ppl {r['model']}"
+        assert model == ("fp32" if r["group_size"] is None else f"INT{r['bits']} g{r['group_size']}"), where
+        assert method == ("—" if r["method"] == "-" else r["method"]), where
+        check(ppl, r["ppl"], where)
+        check(bpw, r["bits_per_weight"], where)
+        check(seconds, r["quantize_s"], where)
+
+
+def check_kernels(md: str) -> None:
+    line, _, rows = table_at(md, "| weight (out×in) | rows M |")
+    named_beside(md, line, "benchmarks/results/kernels.json")
+    js = load("benchmarks/results/kernels.json")["rows"]
+    assert len(rows) == len(js), "README and kernels.json have different rows"
+    for cells, r in zip(rows, js):
+        shape, m, int4, ref, fp32, bf16, sqnr = cells
+        where = f"kernels {r['shape']} M={r['rows']}"
+        assert shape == r["shape"] and int(m) == r["rows"], where
+        for text, key in ((int4, "int4_ms"), (ref, "reference_ms"), (fp32, "fp32_ms"), (bf16, "bf16_ms"),
+                          (sqnr, "int4_sqnr_db")):
+            check(text, r[key], f"{where} {key}")
+    # the kernel bullet's count of cells where int4 beats the reference kernel, and the exceptions
+    claim = re.search(r"in (\d+) of the (\d+) shape × row-count cells", md)
+    assert claim, "the kernel bullet's count is gone"
+    slower = [r for r in js if r["int4_ms"] >= r["reference_ms"]]
+    assert (int(claim[1]), int(claim[2])) == (len(js) - len(slower), len(js)), "int4-beats-reference count"
+    said = re.findall(r"(\d+x\d+) at M = (\d+) \(([\d.]+) vs ([\d.]+) ms\)", md)
+    assert len(said) == len(slower), "the exceptions listed are not the JSON's"
+    for (shape, m, a, b), r in zip(said, slower):
+        assert (shape, int(m)) == (r["shape"], r["rows"]), "an exception listed is not the JSON's"
+        check(a, r["int4_ms"], f"exception {shape} M={m}")
+        check(b, r["reference_ms"], f"exception {shape} M={m}")
+
+
+def check_training(md: str) -> None:
+    line, head, rows = table_at(md, "| method | frozen base | trainable parameters |")
+    named_beside(md, line, "benchmarks/results/train_methods.json")
+    js = load("benchmarks/results/train_methods.json")["rows"]
+    steps = [int(re.search(r"@(\d+)", h)[1]) for h in head[5:]]
+    assert len(rows) == len(js), "README and train_methods.json have different rows"
+    for cells, r in zip(rows, js):
+        where = f"train_methods {r['method']}"
+        assert cells[0] == r["method"], where
+        check(cells[2], r["trainable_parameters"], where)
+        check(cells[3], r["median_s_per_step"], where)
+        check(cells[4], r["peak_rss_gb"], where)
+        curve = dict(r["val_curve"])
+        for text, step in zip(cells[5:], steps):
+            check(text, curve[step], f"{where} val loss @{step}")
+
+
+def check_merge_reports(md: str) -> None:
+    line, _, rows = table_at(md, "| model | weights, max err | fp64 merge error |")
+    named_beside(md, line, "benchmarks/results/merge_reports.json")
+    js = load("benchmarks/results/merge_reports.json")
+    assert len(rows) == len(js), "README and merge_reports.json have different rows"
+    for cells, r in zip(rows, js):
+        label, ulps, fp64, storage, fp32, noise, int4 = cells
+        where = f"merge_reports {r['model']}"
+        assert label.startswith(f"INT{r['bits']} g{r['group_size']}"), where
+        method = re.search(r"\((\w+)\)", label)
+        assert method is None or method[1].lower() == r["method"], where
+        check(ulps, r["max_weight_err_ulps"], where)
+        check(fp64, r["fp64_max_abs_logit_diff"], f"{where} fp64")
+        check(storage, r["fp32_storage_floor"], f"{where} storage floor")
+        check(fp32, r["fp32_max_abs_logit_diff"], f"{where} fp32")
+        check(noise, r["fp32_noise_floor"], f"{where} noise floor")
+        i4_max, i4_top1 = (t.strip() for t in int4.split("/"))
+        check(i4_max, r["int4_max_abs_logit_diff"], f"{where} int4 max")
+        check(i4_top1, r["int4_top1"], f"{where} int4 top-1", scale=100)
+
+
+def check_gguf_llamacpp(md: str) -> None:
+    line, _, rows = table_at(md, "| passage | positions | qalora kernel |")
+    named_beside(md, line, "benchmarks/results/gguf_llamacpp.json")
+    js = load("benchmarks/results/gguf_llamacpp.json")
+    kernels = list(dict.fromkeys(r["kernel"] for r in js["rows"]))
+    assert len(rows) == len(js["rows"]), "README and gguf_llamacpp.json have different rows"
+    for i, (cells, r) in enumerate(zip(rows, js["rows"])):
+        passage, positions, kernel, top1, mean, worst, last = cells
+        where = f"gguf_llamacpp row {i + 1}"
+        assert int(passage) == 1 + i // len(kernels) and int(positions) == r["positions"], where
+        assert kernel.split()[0] == r["kernel"], where
+        check(top1, r["top1"], f"{where} top-1", scale=100)
+        check(mean, r["mean_abs_diff"], f"{where} mean")
+        check(worst, r["max_abs_diff"], f"{where} max")
+        assert last == ("yes" if r["last_top1_equal"] else "no"), where
+    assert js["same_tokens"] is True and "tokenizes exactly like the HF tokenizer" in md
+    assert js["llama_cpp_answer"] == js["qalora_answer"] and f'("{js["qalora_answer"]}")' in md
+
+
+def methods_rows() -> dict:
+    js = load("docs/methods.json")["rows"]
+    return {(r["label"], r["bits"], r["group_size"]): r for r in js}
+
+
+def check_methods_measured(md: str) -> None:
+    """The measured methods table: rows are ``docs/methods.json``'s (by label), the held-out loss per
+    grid with 3 decimals, ``-`` where the JSON has no row."""
+    line, head, rows = table_at(md, "| method | INT")
+    named_beside(md, line, "docs/methods.json")
+    assert head[-2:] == ["codes moved (INT3 g32)", "trainable"], head
+    grids = [tuple(map(int, re.fullmatch(r"INT(\d+) g(\d+)", h).groups())) for h in head[1:-2]]
+    by = methods_rows()
+    labels = [cells[0] for cells in rows]
+    missing = {label for label, _, _ in by} - set(labels)
+    assert not missing, f"docs/methods.json rows missing from the README table: {sorted(missing)}"
+    for cells in rows:
+        label = cells[0]
+        for text, (bits, group) in zip(cells[1:-2], grids):
+            r = by.get((label, bits, group))
+            if r is None:
+                assert text == "-", f"methods {label} INT{bits} g{group}: no JSON row, README prints {text!r}"
+            else:
+                assert re.fullmatch(r"\d+\.\d{3}", text), f"methods {label}: {text!r} is not 3 decimals"
+                check(text, r["heldout_loss"], f"methods {label} INT{bits} g{group}")
+        r3 = by.get((label, 3, 32)) or next((r for (lb, _, _), r in by.items() if lb == label), None)
+        moved, params = cells[-2], cells[-1]
+        fraction = ((r3 or {}).get("merge") or {}).get("codes_changed_fraction")
+        if fraction is None:
+            assert moved == "-", f"methods {label}: codes moved {moved!r} without a JSON figure"
+        else:
+            check(moved, fraction, f"methods {label} codes moved", scale=100)
+        if r3 is None or "trainable_parameters" not in r3:
+            assert params == "-", f"methods {label}: trainable {params!r} without a JSON figure"
+        else:
+            check(params, r3["trainable_parameters"], f"methods {label} trainable", scale=1e-6)
+
+
+# the "what each trains" table's method cell -> docs/methods.json's label
+METHOD_LABELS = {"`qalora`": "QA-LoRA", "`qalora --train-scales`": "QA-LoRA + scales", "`peqa`": "PEQA (scales)",
+                 "`lota`": "LoTA-QAF", "`lota --with-qalora`": "LoTA-QAF + QA-LoRA",
+                 "`qlora` / `lora` (baselines)": "QLoRA w/ GPTQ (lossy)"}
+
+
+def check_methods_trainable(md: str) -> None:
+    """The descriptive methods table's trainable column, for every method docs/methods.json has at
+    INT3 g32 (the others are not measured yet)."""
+    _, head, rows = table_at(md, "| method | trains (per layer")
+    column = next(i for i, h in enumerate(head) if h.startswith("trainable"))
+    by = methods_rows()
+    assert {cells[0] for cells in rows} == set(METHOD_LABELS), "the methods table's rows changed"
+    for cells in rows:
+        r = by.get((METHOD_LABELS[cells[0]], 3, 32))
+        if r is not None and r.get("trainable_parameters"):
+            check(cells[column].split("(")[0], r["trainable_parameters"], f"trainable {cells[0]}", scale=1e-6)
+
+
+CHECKS = {
+    "| model | method | perplexity |": check_quantize_ppl,
+    "| weight (out×in) | rows M |": check_kernels,
+    "| method | frozen base | trainable parameters |": check_training,
+    "| model | weights, max err | fp64 merge error |": check_merge_reports,
+    "| passage | positions | qalora kernel |": check_gguf_llamacpp,
+    "| method | INT": check_methods_measured,
+    "| method | trains (per layer": check_methods_trainable,
+}
+# tables no committed JSON backs: the README must say so beside them
+UNCHECKED = {"| task | n | acc | acc_norm | wall |": "qalora eval / lm-eval figures of 2026-11-24"}
+
+
+@pytest.mark.parametrize("header", list(CHECKS))
+def test_readme_table_agrees_with_its_json(header):
+    CHECKS[header](README)
+
+
+def _perturbed(md: str, header: str) -> str:
+    """``md`` with the last digit of the first body row of the table under ``header`` moved by one."""
+    lines = md.splitlines(keepends=True)
+    i = next(k for k, line in enumerate(lines) if line.strip().startswith(header)) + 2
+    digits = [m.start() for m in re.finditer(r"\d", lines[i])]
+    assert digits, f"no figure in the first row under {header!r}"
+    at = digits[-1]
+    lines[i] = lines[i][:at] + str((int(lines[i][at]) + 1) % 10) + lines[i][at + 1:]
+    return "".join(lines)
+
+
+@pytest.mark.parametrize("header", list(CHECKS))
+def test_each_check_refuses_a_changed_figure(header):
+    with pytest.raises(AssertionError):
+        CHECKS[header](_perturbed(README, header))
+
+
+def test_every_readme_table_is_checked_or_marked():
+    lines = README.splitlines()
+    headers = [i for i, line in enumerate(lines)
+               if line.strip().startswith("|") and i + 1 < len(lines) and set(lines[i + 1].strip()) <= set("|-: ")
+               and "-" in lines[i + 1] and not (i > 0 and lines[i - 1].strip().startswith("|"))]
+    for i in headers:
+        header = lines[i].strip()
+        checked = [h for h in CHECKS if header.startswith(h)]
+        marked = [h for h in UNCHECKED if header.startswith(h)]
+        assert checked or marked, f"README line {i + 1}: a table no test checks and no JSON backs: {header[:60]!r}"
+        if marked and not checked:
+            assert NOT_BACKED in "\n".join(lines[max(0, i - 25):i]), \
+                f"README line {i + 1}: the table is not backed by a JSON and does not say so"
+
+
+def _pipeline_block(md: str) -> tuple[str, str]:
+    """``(section text, the block of format_table output)`` of the README's Pipeline section."""
+    section = md[md.index("## Pipeline"):]
+    section = section[:section.index("\n## ", 1)]
+    blocks = re.findall(r"```\n(weights .*?)\n```", section, re.S)
+    assert len(blocks) == 1, "the Pipeline section has no (or several) pasted pipeline tables"
+    return section, blocks[0]
+
+
+def test_pipeline_block_is_the_committed_runs_or_marked():
+    section, block = _pipeline_block(README)
+    record = ROOT / "benchmarks" / "results" / "pipeline.json"
+    if record.is_file():
+        from qalora.stages.pipeline import format_table
+
+        assert block == format_table(json.loads(record.read_text())), \
+            "the README's pipeline table is not what format_table prints from benchmarks/results/pipeline.json"
+        assert NOT_BACKED not in section, "the Pipeline section still says nothing backs its table"
+    else:
+        assert NOT_BACKED in section and "2026-11-24" in section, \
+            "the pipeline table has no committed pipeline.json and is not marked with its date and command"
+
+
+# ----------------------------------------------------------------------------- docs/RESULTS.md
+
+# what qalora.reproduce.run.reproduce writes for the paper suite ({**plan, machine, rows, timings});
+# a plan may also record the source model's fingerprint
+RUN_FIELDS = {"budget", "model", "budget_settings", "machine", "rows", "seconds_this_call", "seconds_total"}
+OPTIONAL_RUN_FIELDS = {"source_sha256"}
+
+
+def test_results_json_holds_what_reproduce_writes():
+    from qalora.reproduce.plan import budget
+
+    s = load("docs/results.json")
+    assert RUN_FIELDS <= set(s) <= RUN_FIELDS | OPTIONAL_RUN_FIELDS, sorted(set(s) ^ RUN_FIELDS)
+    assert s["budget_settings"] == vars(budget(s["budget"]))
+    assert isinstance(s["seconds_this_call"], (int, float)) and not isinstance(s["seconds_this_call"], bool)
+    from qalora.reproduce.report import timing
+
+    assert s["seconds_total"] == timing(s["rows"])["total"]  # what reproduce writes: every training counted
+
+
+def _results_md(results_md: str) -> str:
+    from qalora.reproduce.report import results_markdown
+
+    command = re.search(r"^Command: `(.+)`$", results_md, re.M)
+    assert command, "docs/RESULTS.md names no command"
+    return results_markdown(load("docs/results.json"), command[1], (ROOT / "docs" / "NOTES.md").read_text())
+
+
+def test_results_md_is_what_the_code_writes():
+    md = (ROOT / "docs" / "RESULTS.md").read_text()
+    assert md == _results_md(md), ("docs/RESULTS.md differs from what qalora.reproduce.report writes from "
+                                   "docs/results.json and docs/NOTES.md: regenerate it with write_docs")
+    changed = md.replace("| 1.724 |", "| 1.725 |", 1)
+    assert changed != md and changed != _results_md(changed)
+
+
+def test_wall_time_counts_every_adapters_training_once():
+    from qalora.reproduce.report import results_markdown, timing
+
+    rows = [{"id": "base", "method": "base", "build_seconds": 2.0, "eval_seconds": 100.0},
+            # trained before the call that built the row: its build is a reload
+            {"id": "lora", "method": "lora", "train_seconds": 300.0, "build_seconds": 1.0, "eval_seconds": 100.0},
+            # trained in part before a resume, in part in the build
+            {"id": "qlora", "method": "qlora", "train_seconds": 600.0, "build_seconds": 350.0, "eval_seconds": 100.0},
+            # the same adapter, reused: not counted again
+            {"id": "qlora+gptq-int3-g32", "method": "qlora+gptq", "train_seconds": 600.0, "build_seconds": 70.0,
+             "eval_seconds": 100.0},
+            # trained inside its build
+            {"id": "qalora-int3-g32", "method": "qalora", "train_seconds": 320.0, "build_seconds": 360.0,
+             "eval_seconds": 100.0}]
+    t = timing(rows)
+    assert t == {"evaluate": 500.0, "build": 783.0, "earlier_training": 299.0 + 250.0, "total": 1832.0}
+    summary = load("docs/results.json")
+    s = timing(summary["rows"])
+    builds_and_evals = sum(r["build_seconds"] + r["eval_seconds"] for r in summary["rows"])
+    assert s["total"] > builds_and_evals + 300  # LoRA's training (366 s) ran before the recorded call
+    assert f"Build + evaluation time of all rows: {s['total'] / 3600:.1f} h" in results_markdown(summary, "cmd")
