@@ -60,3 +60,40 @@ def embedded_dir():
     from qalora.default_model import default_model_dir
 
     return default_model_dir()
+
+
+# ------------------------------------------------------------------ safetensors layout
+
+SAFETENSORS_DTYPE_BYTES = {"U8": 1, "I8": 1, "BF16": 2, "F16": 2, "I32": 4, "F32": 4, "I64": 8, "F64": 8}
+
+
+def safetensors_table(path) -> tuple[int, dict[str, tuple[str, tuple[int, ...], int, int]]]:
+    """``(header_bytes, {name: (dtype, shape, begin, end)})`` of a safetensors file, read from
+    the file itself: an 8-byte little-endian header length, then that many bytes of JSON."""
+    import json
+    import struct
+
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return n, {k: (v["dtype"], tuple(v["shape"]), *v["data_offsets"]) for k, v in header.items()}
+
+
+def assert_safetensors_exact(path, expected: dict[str, tuple[str, tuple[int, ...]]]) -> int:
+    """The file holds exactly ``expected`` (name -> (dtype, shape)), its tensors are packed back
+    to back with no gap, and its size is 8 + header + the sum of the tensors' exact byte sizes.
+    Returns the tensor bytes."""
+    import math
+    import os
+
+    n_header, table = safetensors_table(path)
+    assert {k: v[:2] for k, v in table.items()} == expected
+    spans = sorted((begin, end, SAFETENSORS_DTYPE_BYTES[dtype] * math.prod(shape), name)
+                   for name, (dtype, shape, begin, end) in table.items())
+    at = 0
+    for begin, end, nbytes, name in spans:
+        assert (begin, end) == (at, at + nbytes), name
+        at = end
+    assert os.path.getsize(path) == 8 + n_header + at
+    return at

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import assert_safetensors_exact
 from torch import nn
 
 from qalora.checkpoint import load, save_checkpoint
@@ -14,6 +15,28 @@ from qalora.patch import quant_layers, quantized_nbytes
 from qalora.quant.model import quantize_model
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# (out, in) of the tiny Llama's projections (hidden 64, 2 of 4 heads for k/v, intermediate 128)
+TINY_PROJ_SHAPES = {"self_attn.q_proj": (64, 64), "self_attn.k_proj": (32, 64), "self_attn.v_proj": (32, 64),
+                    "self_attn.o_proj": (64, 64), "mlp.gate_proj": (128, 64), "mlp.up_proj": (128, 64),
+                    "mlp.down_proj": (64, 128)}
+# packed bytes per row of 64 / 128 codes, from quant/packing.py's layout table
+# (2-bit: 4 codes per byte, 3-bit: 8 codes per 3 bytes, 4-bit: 2 per byte, 8-bit: 1 per byte)
+ROW_BYTES = {2: {64: 16, 128: 32}, 3: {64: 24, 128: 48}, 4: {64: 32, 128: 64}, 8: {64: 64, 128: 128}}
+
+
+def tiny_checkpoint_table(bits: int, group_size: int = 32) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Every tensor a quantized tiny-Llama checkpoint holds: name -> (safetensors dtype, shape);
+    the tied lm_head is stored once, as the embedding; rotary tables are not persistent."""
+    table = {"model.embed_tokens.weight": ("F32", (300, 64)), "model.norm.weight": ("F32", (64,))}
+    for i in range(2):
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            table[f"model.layers.{i}.{norm}.weight"] = ("F32", (64,))
+        for proj, (out, inp) in TINY_PROJ_SHAPES.items():
+            name = f"model.layers.{i}.{proj}"
+            table[f"{name}.qweight"] = ("U8", (out, ROW_BYTES[bits][inp]))
+            table[f"{name}.scale"] = table[f"{name}.offset"] = ("F32", (out, inp // group_size))
+    return table
 
 
 def calib_ids(n=16, t=32, vocab=300, seed=0):
@@ -82,13 +105,14 @@ def test_save_load_roundtrip_and_generate(tmp_path, tiny_model, tiny_tok, bits):
         assert torch.equal(loaded(ids).logits, tiny_model(ids).logits)
     out = loaded.generate(ids[:1, :5], max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 11)
-    # size: packed codes are bits/8 bytes per weight, plus fp32 scale + offset per group
+    # size, exactly: on disk every tensor's dtype and shape, packed back to back after the header
+    tensor_bytes = assert_safetensors_exact(tmp_path / "q" / "model.safetensors", tiny_checkpoint_table(bits))
+    # in memory: bits/8 bytes of codes per weight (rows of 64/128 hold whole packing units) + 8 per group
     sizes = quantized_nbytes(loaded)
     n = sizes["quantized_weights"]
-    expected = n * bits / 8 + 2 * 4 * n / 32
-    assert abs(sizes["quantized_bytes"] - expected) <= 0.1 * expected
-    on_disk = (tmp_path / "q" / "model.safetensors").stat().st_size - sizes["other_bytes"]
-    assert abs(on_disk - expected) <= 0.1 * expected + 16384  # + safetensors JSON header
+    assert n == 2 * sum(o * i for o, i in TINY_PROJ_SHAPES.values()) == 73728
+    assert sizes["quantized_bytes"] == n * bits // 8 + 2 * 4 * n // 32
+    assert tensor_bytes == sizes["quantized_bytes"] + 4 * (300 * 64 + 5 * 64)  # + fp32 embedding and 5 norms
 
 
 def test_no_linear_layers_refused():
@@ -149,8 +173,14 @@ def test_missing_and_corrupt_checkpoints(tmp_path, tiny_model, tiny_tok):
     weights.write_bytes(data[: len(data) // 2])
     with pytest.raises(QaloraError, match="are corrupt"):
         load(tmp_path / "q")
-    with pytest.raises(QaloraError, match="are corrupt"):
-        load(tmp_path / "q", verify=False)  # safetensors itself rejects the truncated file
+    weights.write_bytes(data)
+    meta = json.loads((tmp_path / "q" / "qalora.json").read_text())
+    for edited in ({k: v for k, v in meta.items() if k != "sha256"}, {**meta, "sha256": {}},
+                   {**meta, "sha256": {"model.safetensors": "abc"}}):
+        (tmp_path / "q" / "qalora.json").write_text(json.dumps(edited))
+        with pytest.raises(QaloraError, match="has no sha256 of model.safetensors; it was not written by qalora"):
+            load(tmp_path / "q")  # never loaded unverified
+    (tmp_path / "q" / "qalora.json").write_text(json.dumps(meta))
     weights.unlink()
     with pytest.raises(QaloraError, match="are missing"):
         load(tmp_path / "q")

@@ -312,10 +312,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _own_output() -> None:
+    """A command prints its own lines and bars only: transformers' per-load "Loading weights" bars
+    are turned off for this process (the CLI owns it; the library leaves them alone)."""
+    from qalora.quiet import import_transformers
+
+    import_transformers()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     try:
+        _own_output()
         return args.func(args)
     except QaloraError as e:
         print(f"qalora: error: {e}", file=sys.stderr)

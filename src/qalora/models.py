@@ -9,8 +9,11 @@ import torch
 
 from qalora.default_model import resolve_model
 from qalora.errors import QaloraError
+from qalora.quiet import import_transformers
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+import_transformers()  # before any model load imports torchao noisily
 
 
 def load_tokenizer(path: str | os.PathLike):

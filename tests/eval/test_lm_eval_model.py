@@ -21,7 +21,6 @@ from qalora.config import QuantConfig  # noqa: E402
 from qalora.errors import QaloraError  # noqa: E402
 from qalora.eval.lm_eval_model import (QaloraLM, parse_batch_size, resolve_device, rolling_windows,  # noqa: E402
                                         split_like_lm_eval)
-from qalora.eval.scoring import loglikelihoods  # noqa: E402
 from qalora.quant.model import quantize_model  # noqa: E402
 
 # Batched fp32 log-softmax vs one request at a time in fp64: sums of up to ~40 log-probs of
@@ -217,15 +216,18 @@ metric_list:
 
 
 def expected_metrics(model, tok):
-    """acc and acc_norm computed straight from qalora's log-likelihoods (lm-eval's definitions:
-    continuation ``" " + choice``; acc_norm divides by the choice's character length)."""
+    """acc and acc_norm from :func:`naive_pair` (one unbatched fp64 forward per request, not
+    qalora's scoring path) and lm-eval's definitions: continuation ``" " + choice``; acc_norm
+    divides by the choice's character length. The two choices of every item must be at least
+    0.01 nats apart (raw and normalised), so that the 1e-4 agreement of TOL cannot flip a pick."""
     acc = acc_norm = 0
     for d in DOCS:
         choices = [d["sol1"], d["sol2"]]
-        lls = [s.loglik for s in loglikelihoods(model, tok, [(f"Question: {d['goal']}\nAnswer:", " " + c)
-                                                             for c in choices])]
+        lls = [naive_pair(model, tok, f"Question: {d['goal']}\nAnswer:", " " + c)[0] for c in choices]
+        norm = [ll / len(c) for ll, c in zip(lls, choices)]
+        assert abs(lls[0] - lls[1]) > 1e-2 and abs(norm[0] - norm[1]) > 1e-2, d
         acc += max(range(2), key=lambda i: lls[i]) == d["label"]
-        acc_norm += max(range(2), key=lambda i: lls[i] / len(choices[i])) == d["label"]
+        acc_norm += max(range(2), key=lambda i: norm[i]) == d["label"]
     return acc / len(DOCS), acc_norm / len(DOCS)
 
 
@@ -243,6 +245,14 @@ def test_simple_evaluate_reports_the_directly_computed_accuracy(lm, ckpt, tmp_pa
     acc, acc_norm = expected_metrics(lm.model, lm.tokenizer)
     assert res["acc,none"] == pytest.approx(acc, abs=1e-9)
     assert res["acc_norm,none"] == pytest.approx(acc_norm, abs=1e-9)
+    # and every request lm-eval sent, as logged: its log-likelihood is the naive one
+    samples = sorted(out["samples"]["tiny_mc"], key=lambda s: s["doc_id"])
+    assert [s["doc"] for s in samples] == DOCS
+    got = [ll for s in samples for ((ll, _greedy),) in s["resps"]]
+    want = [naive_pair(lm.model, lm.tokenizer, *args)[0] for s in samples for args in s["arguments"]]
+    assert [args for s in samples for args in s["arguments"]] == [
+        (f"Question: {d['goal']}\nAnswer:", " " + d[c]) for d in DOCS for c in ("sol1", "sol2")]
+    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64), **TOL)
 
 
 @pytest.mark.slow  # ~15 s: lm-eval's command line always indexes its ~15,000 built-in task files

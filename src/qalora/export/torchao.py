@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from qalora.checkpoint import check_weights, read_meta, weights_sha256
 from qalora.errors import QaloraError
+from qalora.quiet import quiet_imports
 from qalora.io import atomic_dir, check_new_output, write_json
 from qalora.quant.qparams import dequantize
 from qalora.quant.weight import QuantizedWeight
@@ -60,7 +61,8 @@ ERROR_CHUNK = 1 << 20  # weights per chunk when measuring a layer's error (4 MiB
 def _torchao():
     """torchao's quantization namespace, imported on first use (an optional dependency)."""
     try:
-        import torchao.quantization as tq
+        with quiet_imports():
+            import torchao.quantization as tq
     except ImportError:
         raise QaloraError("the torchao export needs torchao; install it with: pip install 'qalora[export]'") from None
     return tq
