@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "RTN/GPTQ and QA-LoRA at INT4/3/2, evaluated; rerun to resume")
     r.add_argument("--model", default="default", help="local HF model folder, or 'default' (embedded SmolLM2-135M)")
     r.add_argument("--budget", choices=["small", "full", "smoke"], default="small",
-                   help="small: subsets + 100 steps (~2 h on 2 CPU cores); full: everything (a GPU); smoke: minutes")
+                   help="small: subsets + 100 steps (3.2 h on 2 CPU cores, docs/RESULTS.md); full: everything (a GPU); smoke: minutes")
     r.add_argument("--suite", choices=["paper", "methods"], default="paper",
                    help="paper: Table 1 rows, evaluated; methods: every exact method vs QA-LoRA and QLoRA w/ GPTQ "
                         "on the held-out instruction loss")

@@ -32,9 +32,9 @@ class Kernel:
     max_rows: dict | None = None
 
 
-# Measured here (benchmarks/kernels.py, AVX2, 2 threads) the int4 kernel beats unpack + dequantize
-# + fp32 GEMM at every row count (4096x4096: 0.5 vs 135 ms at M=1, 427 vs 639 ms at M=1024), so it
-# takes every M it supports; ``max_rows`` lets a machine where dense GEMM wins for large M say so.
+# Measured here (benchmarks/results/kernels.json, AVX2, 2 threads) the int4 kernel beats unpack +
+# dequantize + fp32 GEMM in 13 of 15 shape x row-count cells (the README lists the two exceptions),
+# so it takes every M it supports; ``max_rows`` lets a machine where dense GEMM wins for large M say so.
 KERNELS: list[Kernel] = [
     Kernel("int4", int4.int4_supports, int4.int4_prepare, int4.int4_matmul),
     Kernel("reference", reference.reference_supports, reference.reference_prepare, reference.reference_matmul),
