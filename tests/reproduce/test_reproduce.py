@@ -172,3 +172,40 @@ def test_methods_suite_smoke(tmp_path):
     assert again["rows"] == s["rows"]  # cached
     with pytest.raises(QaloraError, match="grid \\(5, 32\\) is not one of the methods suite's"):
         reproduce(tmp_path / "out", "smoke", str(tmp_path / "fp"), suite="methods", grids=[(5, 32)], progress=False)
+
+
+def test_verdicts_are_paired_over_shared_items():
+    """Rows with per-item results are compared item by item (a naive reference: mean and sample
+    stdev of the per-item differences); rows without them fall back to the unpaired figure."""
+    import math
+    import statistics
+
+    from qalora.reproduce.plan import COMMONSENSE
+    from qalora.reproduce.report import paired_compare
+
+    def res(seed, flip):
+        out = {}
+        for k, t in enumerate([*COMMONSENSE, "mmlu_0shot", "mmlu_5shot"]):
+            bits = [(i * 7 + k + seed) % 3 == 0 for i in range(40)]
+            bits = [not b if i < flip else b for i, b in enumerate(bits)]
+            metric = "acc" if t.startswith("mmlu") else "acc_norm"
+            est = {"value": sum(bits) / 40, "stderr": 0.07, "n": 40}
+            out[t] = {"reported": metric, metric: est, "acc": est,
+                      "per_item": {"index": [str(i) for i in range(40)], metric: [int(b) for b in bits]}}
+        out["commonsense"] = {"score": {"value": statistics.mean(out[t][out[t]["reported"]]["value"] for t in COMMONSENSE),
+                                        "stderr": 0.03, "n": 280}}
+        return out
+
+    a = {"id": "qalora-int3-g32", "method": "qalora", "bits": 3, "group_size": 32, "results": res(0, 6)}
+    b = {"id": "qlora+gptq-int3-g32", "method": "qlora+gptq", "bits": 3, "group_size": 32, "results": res(0, 0)}
+    diff, se, n = paired_compare(a, b, "mmlu_0shot")
+    d = [x - y for x, y in zip(a["results"]["mmlu_0shot"]["per_item"]["acc"], b["results"]["mmlu_0shot"]["per_item"]["acc"])]
+    assert n == 40 and diff == pytest.approx(statistics.mean(d)) and se == pytest.approx(statistics.stdev(d) / math.sqrt(40))
+    cs = paired_compare(a, b, "commonsense")
+    assert cs[2] == 40 * len(COMMONSENSE) and cs[1] == pytest.approx(se / math.sqrt(len(COMMONSENSE)))
+    lines = verdicts([a, b])
+    assert len(lines) == 3 and all("paired over" in line for line in lines)
+    for r in (a, b):
+        for t in r["results"].values():
+            t.pop("per_item", None)
+    assert all("unpaired: the rows kept no per-item results" in line for line in verdicts([a, b]))

@@ -5,7 +5,11 @@ Result of a multiple-choice task (``acc`` / ``acc_norm`` as in
 :mod:`qalora.eval.stats`)::
 
     {"kind": "multiple_choice", "split": "validation", "shots": 0, "n": 200, "n_available": 1838,
-     "reported": "acc_norm", "acc": {...}, "acc_norm": {...}, "seconds": 41.2}
+     "reported": "acc_norm", "acc": {...}, "acc_norm": {...}, "seconds": 41.2,
+     "per_item": {"index": ["17", ...], "acc": [1, 0, ...], "acc_norm": [...]}}
+
+``per_item`` keeps every item's outcome, so two models scored on the same items can be compared
+paired (:mod:`qalora.eval.paired`).
 
 MMLU adds ``acc_macro``, ``categories`` and ``subjects`` (:mod:`qalora.eval.mmlu`). An average
 task (``commonsense``) holds ``score``: the unweighted mean over its members of each one's
@@ -105,7 +109,19 @@ def run_choice(spec: TaskSpec, model: torch.nn.Module, tokenizer: Any, options: 
         out.update(spec.summarize(chosen.items, [s.acc for s in scores]))
     else:
         out.update({m: accuracy([METRICS[m](s) for s in scores]).to_dict() for m in spec.metrics})
+    out["per_item"] = per_item(chosen.items, scores, spec.metrics)
     return out
+
+
+def item_key(item) -> str:
+    """An item's identity within its task: its source row, prefixed by its group (MMLU subject)."""
+    return f"{item.group}/{item.index}" if item.group else str(item.index)
+
+
+def per_item(items, scores: list[ItemScore], metrics) -> dict[str, list]:
+    """Each scored item's key and 0/1 outcome per metric, in scoring order: what a paired
+    comparison of two models on the same items needs (:mod:`qalora.eval.paired`)."""
+    return {"index": [item_key(i) for i in items], **{m: [int(METRICS[m](s)) for s in scores] for m in metrics}}
 
 
 def run_average(spec: TaskSpec, results: dict[str, dict[str, Any]]) -> dict[str, Any]:

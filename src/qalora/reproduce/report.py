@@ -15,6 +15,7 @@ import math
 import os
 from pathlib import Path
 
+from qalora.eval.paired import align, paired, verdict
 from qalora.reproduce.plan import COMMONSENSE, EXTRA_CHOICE
 
 SHORT = {"hellaswag": "HellaS", "piqa": "PIQA", "winogrande": "WinoG", "arc_easy": "ARC-e", "arc_challenge": "ARC-c",
@@ -86,15 +87,40 @@ def table(rows: list[dict], equal: set[str] = frozenset()) -> str:
 
 
 def compare(a: dict, b: dict) -> tuple[float, float, str]:
-    """``(diff, se, verdict)`` of ``a - b`` for two ``{value, stderr}`` estimates."""
+    """``(diff, se, verdict)`` of ``a - b`` for two ``{value, stderr}`` estimates treated as
+    independent (``se = sqrt(se_a² + se_b²)``): the fallback for rows without per-item results."""
     diff = a["value"] - b["value"]
     se = math.sqrt((a.get("stderr") or 0.0) ** 2 + (b.get("stderr") or 0.0) ** 2)
-    verdict = "beat" if diff > 2 * se else "lost to" if diff < -2 * se else "showed no clear difference from"
-    return diff, se, verdict
+    return diff, se, verdict(diff, se)
+
+
+def paired_compare(a: dict, b: dict, key: str) -> tuple[float, float, int] | None:
+    """``(diff, se, n)`` of row ``a`` minus row ``b`` on ``key``, paired over the items both
+    scored (:mod:`qalora.eval.paired`); ``None`` when either row lacks per-item results.
+
+    A task compares its reported metric item by item; MMLU its pooled ``acc``; the commonsense
+    average the mean of its members' paired differences, ``se = sqrt(Σ se_k²) / K`` (tasks are
+    disjoint item sets)."""
+    ra, rb = a["results"], b["results"]
+    members = list(COMMONSENSE) if key == "commonsense" else [key]
+    parts = []
+    for t in members:
+        pa, pb = (ra.get(t) or {}).get("per_item"), (rb.get(t) or {}).get("per_item")
+        if pa is None or pb is None:
+            return None
+        metric = "acc" if t.startswith("mmlu") else ra[t]["reported"]
+        p = paired(*align(pa, pb, metric))
+        if p.stderr is None:
+            return None
+        parts.append(p)
+    k = len(parts)
+    return (sum(p.diff for p in parts) / k, math.sqrt(sum(p.stderr ** 2 for p in parts)) / k,
+            sum(p.n for p in parts))
 
 
 def verdicts(rows: list[dict]) -> list[str]:
-    """One sentence per (bit width, group size, metric): QA-LoRA vs QLoRA w/ GPTQ."""
+    """One sentence per (bit width, group size, metric): QA-LoRA vs QLoRA w/ GPTQ, paired over
+    the shared items where both rows kept per-item results, called beyond two standard errors."""
     by_id = {r["id"]: r for r in rows}
     out = []
     for r in rows:
@@ -105,9 +131,16 @@ def verdicts(rows: list[dict]) -> list[str]:
             continue
         for key, name in (("commonsense", "the commonsense average"), ("mmlu_0shot", "MMLU 0-shot"),
                           ("mmlu_5shot", "MMLU 5-shot")):
-            diff, se, verdict = compare(score(r, key), score(other, key))
-            out.append(f"- INT{r['bits']} g{r['group_size']}, {name}: QA-LoRA {verdict} QLoRA w/ GPTQ "
-                       f"({100 * diff:+.1f} ± {100 * se:.1f} points; {_pct(score(r, key))} vs {_pct(score(other, key))}).")
+            pc = paired_compare(r, other, key)
+            if pc is None:
+                diff, se, word = compare(score(r, key), score(other, key))
+                how = "unpaired: the rows kept no per-item results"
+            else:
+                diff, se, n = pc
+                word, how = verdict(diff, se), f"paired over {n} items"
+            out.append(f"- INT{r['bits']} g{r['group_size']}, {name}: QA-LoRA {word} QLoRA w/ GPTQ "
+                       f"({100 * diff:+.1f} ± {100 * se:.1f} points, {how}; {_pct(score(r, key))} vs "
+                       f"{_pct(score(other, key))}).")
     return out
 
 
