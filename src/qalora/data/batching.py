@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from qalora.data.readers import Example
+from qalora.data.pairs import encode_pair
 from qalora.errors import QaloraError
 
 IGNORE_INDEX = -100
@@ -113,8 +114,12 @@ def prompt_response_ids(tokenizer: Any, example: Example) -> tuple[list[int], li
     With ``tokenizer.chat_template``: prompt = template of ``messages[:-1]`` with the generation
     prompt, response = the rest of the template of all messages (checked to extend the prompt;
     whitespace after the end-of-turn token is dropped). Otherwise :data:`PLAIN_PROMPT` (after
-    the tokenizer's bos, if it adds one) and ``response + eos``.
+    the tokenizer's bos, if it adds one) and ``response + eos``. A raw example (a completion
+    record) is the scorer's split of ``(prompt, completion)`` (:func:`qalora.data.pairs.encode_pair`):
+    no template, no eos.
     """
+    if example.template == "raw":
+        return encode_pair(tokenizer, example.messages[-2]["content"], example.response)
     if getattr(tokenizer, "chat_template", None):
         prompt, response = _chat_ids(tokenizer, example)
         return list(prompt), _trim_after_end(tokenizer, list(response))

@@ -1,14 +1,18 @@
 """Instruction records and the readers that turn user files into them.
 
 One record type, :class:`Example`: a conversation whose LAST message is the assistant response
-the loss covers (everything before it is prompt). Three on-disk schemas are accepted, detected
+the loss covers (everything before it is prompt). Four on-disk schemas are accepted, detected
 per record by its keys:
 
 * Alpaca: ``{"instruction": str, "input": str (optional), "output": str}`` →
   user = instruction + ("\\n\\n" + input if input is non-empty), assistant = output;
 * chat: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`` with at
   least one user turn and ending with an assistant turn (extra message keys are dropped);
-* a Hugging Face ``datasets`` folder (``save_to_disk``) whose rows use either schema.
+* completion: ``{"prompt": str, "completion": str}`` → trained *raw*: no chat template, no eos,
+  the text split into prompt and completion tokens exactly as a log-likelihood scorer splits a
+  (context, continuation) pair (:func:`qalora.data.pairs.encode_pair`), so a model tuned on a
+  task's items learns the very strings it is scored on;
+* a Hugging Face ``datasets`` folder (``save_to_disk``) whose rows use one of these schemas.
 
 Files are a JSON list of records (``.json``) or JSON lines (``.jsonl``; a ``.json`` file holding
 JSON lines is read as such). Every error names the file, the 1-based line (the line where the
@@ -27,6 +31,8 @@ from qalora.errors import QaloraError
 
 ROLES = ("system", "user", "assistant")
 ALPACA_HELP = "Alpaca records have 'instruction' (str), optional 'input' (str) and 'output' (str)"
+COMPLETION_HELP = "completion records have 'prompt' (str) and 'completion' (non-empty str)"
+TEMPLATES = ("chat", "raw")
 CHAT_HELP = ("chat records have 'messages': a list of {'role': 'system'|'user'|'assistant', 'content': str} "
              "with a user turn, ending with an assistant turn")
 
@@ -73,13 +79,18 @@ class Example:
             the loss covers).
         source: where it came from, e.g. ``"gsm8k:105"`` (task:doc_id) or ``"train.jsonl:12"`` (file:line);
             errors name it.
+        template: ``"chat"`` (the tokenizer's chat template, or the plain one) or ``"raw"`` (a
+            completion record: user = prompt, assistant = completion, concatenated as they are).
     """
 
     messages: tuple[dict[str, str], ...]
     source: str
+    template: str = "chat"   # "raw": a completion record, encoded without any template
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "messages", check_messages(self.messages, self.source))
+        if self.template not in TEMPLATES:
+            raise QaloraError(f"{self.source}: template {self.template!r} is not one of {', '.join(TEMPLATES)}")
 
     def __hash__(self) -> int:  # the dicts are not hashable; hash their items
         return hash((self.source, tuple((m["role"], m["content"]) for m in self.messages)))
@@ -118,6 +129,19 @@ def alpaca_example(record: Mapping, where: str, source: str) -> Example:
     return Example(({"role": "user", "content": user}, {"role": "assistant", "content": output}), source)
 
 
+def completion_example(record: Mapping, where: str, source: str) -> Example:
+    """A completion record ``{"prompt", "completion"}`` → a raw Example (no template)."""
+    fields = {}
+    for name in ("prompt", "completion"):
+        value = record.get(name)
+        if not isinstance(value, str) or (name == "completion" and not value.strip()):
+            raise QaloraError(f"{where}: field '{name}' must be a{' non-empty' if name == 'completion' else ''} "
+                              f"string, got {_short(value)}; {COMPLETION_HELP}")
+        fields[name] = value
+    return Example(({"role": "user", "content": fields["prompt"]}, {"role": "assistant", "content": fields["completion"]}),
+                   source, template="raw")
+
+
 def chat_example(record: Mapping, where: str, source: str) -> Example:
     """A chat record ``{"messages": [...]}`` → Example (see :func:`check_messages`)."""
     if "messages" not in record:
@@ -126,7 +150,8 @@ def chat_example(record: Mapping, where: str, source: str) -> Example:
 
 
 def record_example(record: Any, where: str, source: str, schema: str | None = None) -> Example:
-    """A record in either schema → Example; ``schema`` ("alpaca" / "chat") forces one, else keys decide."""
+    """A record in any schema → Example; ``schema`` ("alpaca" / "chat" / "completion") forces one,
+    else keys decide."""
     if not isinstance(record, Mapping):
         raise QaloraError(f"{where}: expected a JSON object, got {type(record).__name__} {_short(record)}")
     if schema is None:
@@ -134,10 +159,13 @@ def record_example(record: Any, where: str, source: str, schema: str | None = No
             schema = "chat"
         elif record.get("instruction") is not None:
             schema = "alpaca"
+        elif record.get("completion") is not None:
+            schema = "completion"
         else:
-            raise QaloraError(f"{where}: record has neither 'messages' nor 'instruction' (keys: "
-                              f"{', '.join(map(str, record)) or 'none'}); {ALPACA_HELP}; {CHAT_HELP}")
-    return chat_example(record, where, source) if schema == "chat" else alpaca_example(record, where, source)
+            raise QaloraError(f"{where}: record has none of 'messages', 'instruction', 'completion' (keys: "
+                              f"{', '.join(map(str, record)) or 'none'}); {ALPACA_HELP}; {CHAT_HELP}; {COMPLETION_HELP}")
+    readers = {"chat": chat_example, "alpaca": alpaca_example, "completion": completion_example}
+    return readers[schema](record, where, source)
 
 
 def _json_error(path: pathlib.Path, e: json.JSONDecodeError, line_offset: int = 0) -> QaloraError:

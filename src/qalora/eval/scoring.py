@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from qalora.data.pairs import encode_pair  # noqa: F401  (the scorer's tokenization, shared with raw training)
 from qalora.errors import QaloraError
 
 
@@ -35,26 +36,6 @@ class Scored:
     loglik: float
     is_greedy: bool
     n_tokens: int
-
-
-def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """Token ids of ``(context, continuation)`` split as lm-eval does (see module docstring)."""
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces:
-        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-    if not continuation:
-        raise QaloraError("a continuation to score is empty; every choice needs text")
-    if not context:
-        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        if prefix is None:
-            raise QaloraError("an empty context needs a bos or eos token in the tokenizer")
-        return [prefix], tokenizer(continuation, add_special_tokens=False)["input_ids"]
-    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
-    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
-    cont = whole[len(ctx):]
-    if not cont:  # the boundary merged into the context's tokens: encode the continuation alone
-        cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
-    return ctx, cont
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
