@@ -175,13 +175,27 @@ def cmd_reproduce(args) -> int:
 
     grids = None
     if args.grids:
-        if args.suite != "methods":
-            raise QaloraError("--grids applies to --suite methods only")
+        if args.suite == "paper":
+            raise QaloraError("--grids applies to --suite methods or tasks only")
         grids = [parse_grid(g) for g in args.grids]
     if args.cached_only and args.suite != "methods":
         raise QaloraError("--cached-only applies to --suite methods only")
+    if (args.tasks or args.task_rows) and args.suite != "tasks":
+        raise QaloraError("--tasks and --task-rows apply to --suite tasks only")
     summary = reproduce(args.out, args.budget, args.model, suite=args.suite, grids=grids, cached_only=args.cached_only,
-                        progress=not args.quiet)
+                        tasks=args.tasks, task_rows=args.task_rows, progress=not args.quiet)
+    if args.suite == "tasks":
+        from qalora.reproduce.tasks_report import tasks_markdown
+
+        command = "qalora " + " ".join(shlex.quote(a) for a in args.argv)
+        md = tasks_markdown(summary, command)
+        print(md)
+        if args.docs:
+            for name, write in (("tasks.json", lambda p: write_json(p, summary)),
+                                ("RESULTS_TASKS.md", lambda p: p.write_text(md + "\n"))):
+                write(Path(args.docs) / name)
+                print(f"wrote {Path(args.docs) / name}")
+        return 0
     if args.suite == "methods":
         from qalora.reproduce.methods import methods_table
 
@@ -272,11 +286,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", default="default", help="local HF model folder, or 'default' (embedded SmolLM2-135M)")
     r.add_argument("--budget", choices=["small", "full", "smoke"], default="small",
                    help="small: subsets + 100 steps (3.2 h on 2 CPU cores, docs/RESULTS.md); full: everything (a GPU); smoke: minutes")
-    r.add_argument("--suite", choices=["paper", "methods"], default="paper",
+    r.add_argument("--suite", choices=["paper", "methods", "tasks"], default="paper",
                    help="paper: Table 1 rows, evaluated; methods: every exact method vs QA-LoRA and QLoRA w/ GPTQ "
-                        "on the held-out instruction loss")
+                        "on the held-out instruction loss; tasks: task-specific tuning, scored on held-out items, "
+                        "compared paired")
     r.add_argument("--grids", nargs="+", default=None,
-                   help="--suite methods: only these grids (int4-g64 int3-g32 int2-g32; default all)")
+                   help="--suite methods/tasks: only these grids (int4-g64 int3-g32 int2-g32; default all)")
+    r.add_argument("--tasks", nargs="+", default=None,
+                   help="--suite tasks: which tuning tasks (sst2 sciq csqa arithmetic boolq hellaswag piqa "
+                        "winogrande siqa; default sst2 arithmetic)")
+    r.add_argument("--task-rows", nargs="+", default=None,
+                   help="--suite tasks: only these rows (base lora qlora qlora+rtn qlora+gptq qalora "
+                        "qalora+scales peqa lota lota+qalora; default all)")
     r.add_argument("--cached-only", action="store_true",
                    help="--suite methods: report the rows already computed in --out, build nothing")
     r.add_argument("--out", default="qalora-reproduce", help="work folder (bases, adapters, models, row results)")

@@ -209,3 +209,36 @@ def test_verdicts_are_paired_over_shared_items():
         for t in r["results"].values():
             t.pop("per_item", None)
     assert all("unpaired: the rows kept no per-item results" in line for line in verdicts([a, b]))
+
+
+def test_tasks_suite_smoke(tmp_path):
+    """Every row of the task suite on a tiny model: split written once, rows trained on the
+    training part, scored on the held-out part with per-item outcomes, compared paired; cached."""
+    from qalora.reproduce.tasks import EXACT, TASK_ROWS
+    from qalora.reproduce.tasks_report import tasks_markdown
+
+    tiny_llama(0).save_pretrained(tmp_path / "fp")
+    tiny_tokenizer().save_pretrained(tmp_path / "fp")
+    kw = dict(suite="tasks", tasks=["sst2"], grids=[(2, 32)], limit=40, progress=False)
+    s = reproduce(tmp_path / "out", "smoke", str(tmp_path / "fp"), **kw)
+    rows = {r["row"]: r for r in s["rows"]}
+    assert list(rows) == [r.name for r in TASK_ROWS]
+    split = json.loads((tmp_path / "out" / "tasks" / "sst2" / "split.json").read_text())
+    assert split["sizes"]["heldout"] >= 8 and split["sizes"]["train"] + split["sizes"]["heldout"] == 40
+    train = (tmp_path / "out" / "tasks" / "sst2" / "train.jsonl").read_text().splitlines()
+    assert len(train) == split["sizes"]["train"] and json.loads(train[0])["completion"] in (" negative", " positive")
+    for name, r in rows.items():
+        assert len(r["per_item"]["index"]) == split["sizes"]["heldout"] and r["reported"] == "acc"
+        assert r["acc"]["value"] == pytest.approx(sum(r["per_item"]["acc"]) / split["sizes"]["heldout"])
+        assert (r["bits"] is None) == (name in ("base", "lora", "qlora"))
+    kinds = [(c["kind"], c["a"]) for c in s["comparisons"]]
+    assert ("tuning gain", "sst2-lora") in kinds
+    assert sum(k == "exact vs requantized" for k, _ in kinds) == len(EXACT)
+    md = tasks_markdown(s, "qalora reproduce --suite tasks")
+    assert "## sst2 (acc," in md and "| QA-LoRA + scales |" in md and "McNemar p" in md
+    again = reproduce(tmp_path / "out", "smoke", str(tmp_path / "fp"), **kw)
+    assert again["rows"] == s["rows"]
+    with pytest.raises(QaloraError, match="task 'nope' is not a tuning task"):
+        reproduce(tmp_path / "out", "smoke", str(tmp_path / "fp"), **{**kw, "tasks": ["nope"]})
+    with pytest.raises(QaloraError, match="task row 'x' is unknown"):
+        reproduce(tmp_path / "out", "smoke", str(tmp_path / "fp"), **{**kw, "task_rows": ["x"]})

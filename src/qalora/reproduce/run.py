@@ -66,9 +66,11 @@ class Workspace:
         quantize(self.fp_folder, path, config, progress=self.progress)
         return path
 
-    def adapter(self, method: str, base: Path, name: str, **switches) -> tuple[Path, dict]:
-        """Train (or reuse) adapter ``name`` of ``method`` on ``base``; ``switches`` are
-        ``LoraConfig`` options such as ``train_scales`` or ``with_qalora``."""
+    def adapter(self, method: str, base: Path, name: str, overrides: dict | None = None,
+                **switches) -> tuple[Path, dict]:
+        """Train (or reuse) adapter ``name`` of ``method`` on ``base``; ``overrides`` replace the
+        budget's ``TrainConfig`` fields (data, steps, batch size, length: the task suite);
+        ``switches`` are ``LoraConfig`` options such as ``train_scales`` or ``with_qalora``."""
         from qalora.adapters.base import base_fingerprint
         from qalora.adapters.format import ADAPTER_CONFIG, read_adapter_config
         from qalora.adapters.methods import method_kinds
@@ -76,8 +78,9 @@ class Workspace:
 
         b = self.b
         path = self.root / "adapters" / name
-        cfg = TrainConfig(method=method, steps=b.steps, batch_size=b.batch_size, max_seq_len=b.max_seq_len,
-                          lr=b.lr, seed=b.seed, eval_every=b.steps, save_every=max(1, b.steps // 4))
+        fields = {**dict(steps=b.steps, batch_size=b.batch_size, max_seq_len=b.max_seq_len, lr=b.lr, seed=b.seed),
+                  **(overrides or {})}
+        cfg = TrainConfig(method=method, eval_every=fields["steps"], save_every=max(1, fields["steps"] // 4), **fields)
         lora = LoraConfig(rank=b.rank, alpha=b.alpha, **switches)
         if (path / ADAPTER_CONFIG).is_file():
             done = read_adapter_config(path)
@@ -88,7 +91,7 @@ class Workspace:
             require_same(path, "adapter", {**done, "train_config": _normalized(TrainConfig, done.get("train_config"))},
                          wanted, hint=HINT)
             return path, done
-        _say(f"train {name} ({method}, {b.steps} steps)", self.progress)
+        _say(f"train {name} ({method}, {cfg.steps} steps)", self.progress)
         path.parent.mkdir(exist_ok=True)
         train(base, path, cfg, lora, resume=(path / RUN_FILE).is_file(), progress=self.progress)
         return path, read_adapter_config(path)
@@ -273,20 +276,24 @@ def machine() -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-SUITES = ("paper", "methods")
+SUITES = ("paper", "methods", "tasks")
 
 
 def reproduce(out: str | os.PathLike = "qalora-reproduce", budget: str = "small", model: str = "default", *,
               rows: list[Row] | None = None, suite: str = "paper", grids: list[tuple[int, int]] | None = None,
-              cached_only: bool = False, progress: bool = True) -> dict:
+              cached_only: bool = False, tasks: list[str] | None = None, task_rows: list[str] | None = None,
+              limit: int | None = None, progress: bool = True) -> dict:
     """Run (or resume) every row of ``suite`` under ``out``; returns and writes
     ``out/results.json`` (paper: :mod:`qalora.reproduce.plan`) or ``out/methods.json``
     (methods: :mod:`qalora.reproduce.methods`; ``grids``: its ``(bits, group_size)`` pairs, default
-    all three; ``cached_only``: report the rows already computed, build nothing). Both suites can
-    share one ``out``."""
+    all three; ``cached_only``: report the rows already computed, build nothing) or
+    ``out/tasks.json`` (tasks: :mod:`qalora.reproduce.tasks`; ``tasks``: which tuning tasks,
+    ``task_rows``: which of its rows, ``limit``: first N items of each task, for smoke runs).
+    The suites can share one ``out``."""
     if suite not in SUITES:
         raise QaloraError(f"suite {suite!r} is unknown; use one of: {', '.join(SUITES)}")
     b = get_budget(budget)
+    grids = _check_suite_args(suite, grids, tasks, task_rows)  # before anything is written
     root = work_dir(out)
     ws = Workspace(root, model, b, progress)
     plan = {"budget": b.name, "model": str(model), "source_sha256": ws.source_sha256,
@@ -304,11 +311,6 @@ def reproduce(out: str | os.PathLike = "qalora-reproduce", budget: str = "small"
     if suite == "methods":
         from qalora.reproduce.methods import GRIDS, run_methods
 
-        grids = list(grids or GRIDS)
-        bad = [g for g in grids if g not in GRIDS]
-        if bad:
-            raise QaloraError(f"grid {bad[0]} is not one of the methods suite's: "
-                              + ", ".join(f"int{b}-g{g}" for b, g in GRIDS))
         t0 = time.time()
         done = run_methods(ws, grids, say=lambda m: _say(m, progress), cached_only=cached_only)
         summary = {**plan, "suite": "methods", "cached_only": cached_only, "grids": [f"int{b}-g{g}" for b, g in grids], "machine": machine(),
@@ -318,6 +320,8 @@ def reproduce(out: str | os.PathLike = "qalora-reproduce", budget: str = "small"
             write_json(root / ("methods.json" if grids == list(GRIDS) else
                                "methods-" + "-".join(f"int{b}g{g}" for b, g in grids) + ".json"), summary)
         return summary
+    if suite == "tasks":
+        return _tasks_suite(ws, plan, b.name, tasks, task_rows, grids, limit, progress)
     rows = rows if rows is not None else plan_rows()
     t0 = time.time()
     done = []
@@ -328,4 +332,46 @@ def reproduce(out: str | os.PathLike = "qalora-reproduce", budget: str = "small"
                "seconds_this_call": round(time.time() - t0, 1),
                "seconds_total": timing(done)["total"]}
     write_json(root / "results.json", summary)
+    return summary
+
+
+DEFAULT_TASKS = ("sst2", "arithmetic")
+
+
+def _check_suite_args(suite: str, grids, tasks, task_rows) -> list | None:
+    """Refuse a grid, task or task row the suite does not have (one line); returns the grids."""
+    if suite == "paper":
+        return grids
+    from qalora.eval.finetune_tasks import FINETUNE_TASKS
+    from qalora.reproduce.methods import GRIDS as METHOD_GRIDS
+    from qalora.reproduce.tasks import GRIDS as TASK_GRIDS, TASK_ROWS
+
+    allowed = METHOD_GRIDS if suite == "methods" else TASK_GRIDS
+    grids = list(grids or allowed)
+    bad = [g for g in grids if g not in allowed]
+    if bad:
+        raise QaloraError(f"grid {bad[0]} is not one of the {suite} suite's: "
+                          + ", ".join(f"int{b}-g{g}" for b, g in allowed))
+    unknown = [t for t in tasks or () if t not in FINETUNE_TASKS]
+    if unknown:
+        raise QaloraError(f"task {unknown[0]!r} is not a tuning task; use: {', '.join(FINETUNE_TASKS)}")
+    names = [r.name for r in TASK_ROWS]
+    bad_rows = [r for r in task_rows or () if r not in names]
+    if bad_rows:
+        raise QaloraError(f"task row {bad_rows[0]!r} is unknown; use: {', '.join(names)}")
+    return grids
+
+
+def _tasks_suite(ws, plan: dict, budget: str, tasks, task_rows, grids, limit, progress) -> dict:
+    from qalora.reproduce.tasks import TASK_ROWS, run_tasks
+    from qalora.reproduce.tasks_report import comparisons
+
+    tasks = list(tasks or DEFAULT_TASKS)
+    rows = [r for r in TASK_ROWS if task_rows is None or r.name in task_rows]
+    t0 = time.time()
+    done = run_tasks(ws, budget, tasks, grids, rows, say=lambda m: _say(m, progress), limit=limit)
+    summary = {**plan, "suite": "tasks", "tasks": tasks, "grids": [f"int{b}-g{g}" for b, g in grids],
+               "machine": machine(), "rows": done, "comparisons": comparisons(done),
+               "seconds_this_call": round(time.time() - t0, 1)}
+    write_json(ws.root / "tasks.json", summary)
     return summary
