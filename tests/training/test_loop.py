@@ -218,3 +218,30 @@ def test_python_api_is_exported():
     import qalora
 
     assert qalora.train is train and qalora.TrainConfig is TrainConfig and qalora.LoraConfig is LoraConfig
+
+
+@pytest.mark.parametrize("method", ["qalora", "peqa", "lota"])
+def test_fp32_compute_never_calls_a_bf16_kernel(tmp_path, q_dir, data_file, monkeypatch, method):
+    """With --compute-dtype fp32 every method trains on the fp32 reference path: the int4 (bf16)
+    kernel, made to raise, is never prepared or called; with bf16 the same run reaches it."""
+    import dataclasses
+
+    from qalora.kernels import registry
+
+    calls = []
+
+    def boom(*args, **kwargs):
+        calls.append(args[1] if len(args) > 1 else None)
+        raise AssertionError("the bf16 int4 kernel was used")
+
+    i = next(k for k, kern in enumerate(registry.KERNELS) if kern.name == "int4")
+    patched = list(registry.KERNELS)
+    patched[i] = dataclasses.replace(patched[i], prepare=boom, matmul=boom)
+    monkeypatch.setattr(registry, "KERNELS", patched)
+    out = train(q_dir, tmp_path / "fp32", cfg(data_file, steps=2, method=method, compute_dtype="fp32"), LORA,
+                progress=False)
+    assert calls == [] and out["compute"] == {"dtype": "fp32", "base_kernel": "reference"}
+    if method == "qalora":  # the check can fail: bf16 compute goes through the int4 kernel
+        with pytest.raises(AssertionError, match="bf16 int4 kernel was used"):
+            train(q_dir, tmp_path / "bf16", cfg(data_file, steps=1, compute_dtype="bf16"), LORA, progress=False)
+        assert calls
