@@ -28,6 +28,7 @@ def run(*args, cwd=None):
     (["reproduce", "--suite", "methods", "--grids", "int3", "--out", "r"], "grid 'int3' is not of the form intB-gG"),
     (["reproduce", "--suite", "methods", "--grids", "int5-g32", "--out", "r"], "grid (5, 32) is not one of the methods"),
     (["reproduce", "--tasks", "sst2", "--out", "r"], "--tasks and --task-rows apply to --suite tasks only"),
+    (["reproduce", "--docs", "no/such/docs", "--out", "r"], "--docs 'no/such/docs': its parent folder does not exist"),
     (["reproduce", "--suite", "tasks", "--tasks", "nope", "--out", "r"], "task 'nope' is not a tuning task; use: sst2"),
     (["reproduce", "--suite", "tasks", "--task-rows", "dora", "--out", "r"], "task row 'dora' is unknown"),
     (["merge", "--model", "q", "--adapter", "a", "--out", "m", "--bits", "2"],

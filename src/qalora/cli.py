@@ -191,6 +191,8 @@ def cmd_reproduce(args) -> int:
         raise QaloraError("--cached-only applies to --suite methods only")
     if (args.tasks or args.task_rows) and args.suite != "tasks":
         raise QaloraError("--tasks and --task-rows apply to --suite tasks only")
+    if args.docs and not Path(args.docs).expanduser().resolve().parent.is_dir():
+        raise QaloraError(f"--docs {args.docs!r}: its parent folder does not exist")
     summary = reproduce(args.out, args.budget, args.model, suite=args.suite, grids=grids, cached_only=args.cached_only,
                         tasks=args.tasks, task_rows=args.task_rows, progress=not args.quiet)
     if args.suite == "tasks":
@@ -200,6 +202,7 @@ def cmd_reproduce(args) -> int:
         md = tasks_markdown(summary, command)
         print(md)
         if args.docs:
+            Path(args.docs).mkdir(exist_ok=True)
             for name, write in (("tasks.json", lambda p: write_json(p, summary)),
                                 ("RESULTS_TASKS.md", lambda p: p.write_text(md + "\n"))):
                 write(Path(args.docs) / name)
@@ -210,6 +213,7 @@ def cmd_reproduce(args) -> int:
 
         print(methods_table(summary["rows"]))
         if args.docs:
+            Path(args.docs).mkdir(exist_ok=True)
             path = Path(args.docs) / "methods.json"
             write_json(path, summary)
             print(f"wrote {path}")

@@ -118,7 +118,8 @@ def _model(ws, task: str, row: TaskRow, grid, data: Path, tb: TaskBudget):
         if row.requant is None:
             adapted, tok, _ = load_adapted(ws.fp_folder, adir)
             dense, _ = merge_dense(adapted)
-            return dense.eval(), tok, {"trainable_parameters": acfg["trainable_parameters"]}, \
+            return dense.eval(), tok, {"trainable_parameters": acfg["trainable_parameters"],
+                                       "train_seconds": round(acfg["seconds_per_step"] * acfg["steps"], 1)}, \
                 {"adapter_sha256": adapter_sha256(acfg)}
         requant = QuantConfig(bits=grid[0], group_size=grid[1], method=row.requant, calib_samples=ws.b.calib_samples)
         path, report = ws.merged_model(row_id(task, row, grid), adir, acfg, ws.fp_folder, requant)
@@ -126,7 +127,8 @@ def _model(ws, task: str, row: TaskRow, grid, data: Path, tb: TaskBudget):
         base = ws.base("gptq", *grid)
         adir, acfg = ws.adapter(row.method, base, row_id(task, row, grid), overrides=train, **row.switches)
         path, report = ws.merged_model(row_id(task, row, grid), adir, acfg, base)
-    facts = {"trainable_parameters": acfg["trainable_parameters"], "merge_lossy": bool(report.get("lossy")),
+    facts = {"trainable_parameters": acfg["trainable_parameters"],
+             "train_seconds": round(acfg["seconds_per_step"] * acfg["steps"], 1), "merge_lossy": bool(report.get("lossy")),
              "fp64_max_abs_logit_diff": report.get("fp64_max_abs_logit_diff"),
              "codes_changed_fraction": (report.get("changes") or {}).get("codes_changed_fraction")}
     return load(path, kernel="dense"), load_tokenizer(path), facts, ws.checkpoint_identity(path)

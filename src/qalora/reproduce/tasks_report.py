@@ -42,8 +42,13 @@ def tasks_markdown(summary: dict, command: str) -> str:
     rows, lines = summary["rows"], ["# Task-specific tuning: held-out accuracy, paired comparisons", "",
                                     f"Command: `{command}`", ""]
     m = summary["machine"]
-    lines += [f"Machine: {m['processor']}, {m['cpus']} CPUs, torch {m['torch']}. This call: "
-              f"{summary['seconds_this_call'] / 3600:.2f} h.", ""]
+    train = sum(r.get("train_seconds") or 0.0 for r in rows)
+    score = sum(r.get("eval_seconds") or 0.0 for r in rows)
+    unrecorded = sum(1 for r in rows if r.get("method") and "train_seconds" not in r)
+    missing = f" + {unrecorded} tuned rows that did not record it" if unrecorded else ""
+    lines += [f"Machine: {m['processor']}, {m['cpus']} CPUs, torch {m['torch']}. Recorded time of the rows: "
+              f"training {train / 3600:.2f} h{missing}, held-out scoring {score / 3600:.2f} h (this call "
+              f"{summary['seconds_this_call'] / 3600:.2f} h; cached rows are read back, not recomputed).", ""]
     for task in summary["tasks"]:
         mine = [r for r in rows if r["task"] == task]
         if not mine:
@@ -53,7 +58,7 @@ def tasks_markdown(summary: dict, command: str) -> str:
         by = {(r["row"], r["bits"], r["group_size"]): r for r in mine}
         metric = mine[0]["reported"]
         lines += [f"## {task} ({metric}, {len(mine[0]['per_item']['index'])} held-out items)", "",
-                  "| row | 16-bit | " + " | ".join(f"INT{b} g{g}" for b, g in grids) + " |",
+                  "| " + " | ".join(["row", "16-bit", *(f"INT{b} g{g}" for b, g in grids)]) + " |",
                   "|" + "---|" * (len(grids) + 2)]
         for name in names:
             label = next(r["label"] for r in mine if r["row"] == name)
