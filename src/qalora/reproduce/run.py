@@ -28,7 +28,7 @@ from qalora.config import LoraConfig, QuantConfig, TrainConfig
 from qalora.errors import QaloraError
 from qalora.io import model_fingerprint, read_json, work_dir, write_json
 from qalora.reproduce.report import timing
-from qalora.stages.identity import require_same
+from qalora.stages.identity import normalized, require_same
 from qalora.reproduce.plan import COMMONSENSE, EXTRA_CHOICE, Budget, Row, budget as get_budget, plan_rows
 
 
@@ -58,7 +58,7 @@ class Workspace:
         if (path / "qalora.json").is_file():
             meta = read_meta(path)
             require_same(path, "quantized base", {"source_sha256": meta.get("source_sha256"),
-                                                  "quant_config": _normalized(QuantConfig, meta.get("quant_config"))},
+                                                  "quant_config": normalized(QuantConfig, meta.get("quant_config"))},
                          {"source_sha256": self.source_sha256, "quant_config": config.to_dict()}, hint=HINT)
             return path
         _say(f"quantize {path.name}", self.progress)
@@ -88,7 +88,7 @@ class Workspace:
                       "alpha": lora.alpha, "kinds": list(method_kinds(method, lora))}
             if lora.lota_omega is not None:
                 wanted["lota_omega"] = lora.lota_omega
-            require_same(path, "adapter", {**done, "train_config": _normalized(TrainConfig, done.get("train_config"))},
+            require_same(path, "adapter", {**done, "train_config": normalized(TrainConfig, done.get("train_config"))},
                          wanted, hint=HINT)
             return path, done
         _say(f"train {name} ({method}, {cfg.steps} steps)", self.progress)
@@ -242,14 +242,6 @@ class Workspace:
 
 
 HINT = "delete it (its run recorded other inputs) or use another --out"
-
-
-def _normalized(cls, recorded) -> dict | None:
-    """A configuration recorded as JSON, as ``cls`` would write it now (``None`` if it is not one)."""
-    try:
-        return cls(**recorded).to_dict()
-    except (TypeError, QaloraError):
-        return None
 
 
 def _n_params(model: torch.nn.Module) -> int:

@@ -24,6 +24,15 @@ def _short(value) -> str:
     return f"{text[:12]}…" if len(text) == 64 else text
 
 
+def normalized(cls, recorded) -> dict | None:
+    """A configuration recorded as JSON, as dataclass ``cls`` would write it now (its current
+    defaults filled in), or ``None`` when it is not one of ``cls``'s."""
+    try:
+        return cls(**recorded).to_dict()
+    except (TypeError, QaloraError):
+        return None
+
+
 def require_same(where: str | os.PathLike, what: str, recorded: dict | None, wanted: dict,
                  hint: str = "choose another --out") -> None:
     """Refuse (one line) unless ``recorded`` holds every key of ``wanted`` with an equal value.

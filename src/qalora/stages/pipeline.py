@@ -31,7 +31,7 @@ from qalora.checkpoint import weights_sha256
 from qalora.config import LoraConfig, PipelineConfig, QuantConfig, TrainConfig
 from qalora.errors import QaloraError
 from qalora.io import model_fingerprint, read_json, sha256_file, work_dir, write_json
-from qalora.stages.identity import require_same
+from qalora.stages.identity import normalized, require_same
 
 SUMMARY_FILE = "pipeline.json"
 SPEED_PROMPT = "Write a short paragraph about why the sky is blue."
@@ -70,14 +70,6 @@ def _say(msg: str, progress: bool) -> None:
         print(f"[qalora pipeline] {msg}", flush=True)
 
 
-def _normalized(cls, recorded) -> dict | None:
-    """A configuration recorded as JSON, as ``cls`` would write it now (``None`` if it is not one)."""
-    try:
-        return cls(**recorded).to_dict()
-    except (TypeError, QaloraError):
-        return None
-
-
 def _stage_quantize(model, paths: PipelinePaths, quant: QuantConfig, progress: bool) -> dict:
     from qalora.api import quantize
     from qalora.checkpoint import read_meta
@@ -87,7 +79,7 @@ def _stage_quantize(model, paths: PipelinePaths, quant: QuantConfig, progress: b
         meta = read_meta(paths.quantized)
         require_same(paths.quantized, "quantized model",
                      {"source_sha256": meta.get("source_sha256"),
-                      "quant_config": _normalized(QuantConfig, meta.get("quant_config") or {})},
+                      "quant_config": normalized(QuantConfig, meta.get("quant_config") or {})},
                      {"source_sha256": model_fingerprint(resolve_model(model)), "quant_config": quant.to_dict()})
         _say(f"1/5 quantize: reusing {paths.quantized}", progress)
         return meta
@@ -102,7 +94,7 @@ def _stage_train(paths: PipelinePaths, cfg: TrainConfig, lora: LoraConfig, base_
     if (paths.adapter / ADAPTER_CONFIG).is_file():
         done = read_adapter_config(paths.adapter)
         require_same(paths.adapter, "adapter",
-                     {"base_sha256": done["base_sha256"], "train_config": _normalized(TrainConfig, done.get("train_config") or {}),
+                     {"base_sha256": done["base_sha256"], "train_config": normalized(TrainConfig, done.get("train_config") or {}),
                       "lora": lora_config_of(done).to_dict()},
                      {"base_sha256": base_sha256, "train_config": cfg.to_dict(), "lora": lora.to_dict()})
         _say(f"2/5 train: reusing {paths.adapter}", progress)
