@@ -94,8 +94,14 @@ def check_adapter(cfg: dict, state: dict[str, torch.Tensor] | None, adir: Path) 
         raise QaloraError(f"{where!r} is corrupt ({e})") from None
     if set(kinds) != set(expected):
         raise QaloraError(f"{where!r} is corrupt: kinds {list(kinds)} are not those of method {cfg['method']!r}")
-    if state is None:
-        return
+    if state is not None:
+        check_tensors(cfg, state, adir)
+
+
+def check_tensors(cfg: dict, state: dict[str, torch.Tensor], adir: Path) -> None:
+    """Refuse tensors that are not exactly those of the (already checked) config's kinds, a
+    non-finite value, or a ternary tensor holding anything but -1, 0, 1."""
+    kinds = ordered(cfg["kinds"])
     keys = {f"{m}.{k}": kind for m in cfg["modules"] for kind in map(get_kind, kinds) for k in kind.state_keys}
     if set(state) != set(keys):
         extra, lack = sorted(set(state) - set(keys)), sorted(set(keys) - set(state))
@@ -135,7 +141,7 @@ def read_adapter(adir: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise QaloraError(f"adapter weights {str(path)!r} are corrupt ({e})") from None
-    check_adapter(cfg, state, adir)
+    check_tensors(cfg, state, adir)  # the config itself was checked by read_adapter_config
     return cfg, state
 
 
