@@ -97,3 +97,14 @@ def assert_safetensors_exact(path, expected: dict[str, tuple[str, tuple[int, ...
         at = end
     assert os.path.getsize(path) == 8 + n_header + at
     return at
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny GEMMs: one torch thread is deterministic, and on a loaded 2-core machine a second
+    OpenMP thread only spins (runs were 5-100x slower). A module opts in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

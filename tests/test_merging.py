@@ -31,14 +31,7 @@ QA = [("What is two plus two?", "Four."), ("Name a colour.", "Blue."), ("Say hel
       ("What do bees make?", "Honey."), ("Capital of France?", "Paris."), ("Count to three.", "One, two, three.")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's GEMMs are microseconds; on a loaded machine a second OpenMP thread only
-    spins (100x slower). One thread also makes the runs deterministic."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,7 @@ COMBOS = [("qalora",), ("scales",), ("qalora", "scales"), ("lota",), ("lota", "q
           ("lota", "qalora", "scales")]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def quant_layer(out=24, inp=128, bits=3, L=32, seed=0, bias=True):

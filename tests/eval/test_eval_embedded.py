@@ -1,21 +1,11 @@
 """A few items of every task on the real embedded model (SmolLM2-135M-Instruct)."""
 
 import pytest
-import torch
 
 import qalora
 from qalora.eval.tasks import registry
 
-pytestmark = pytest.mark.embedded
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """On the shared 2-core machine two threads were 5-20x slower than one when other jobs ran."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.embedded, pytest.mark.usefixtures("one_thread")]
 
 
 def test_every_task_runs_on_the_embedded_model(embedded_dir):

@@ -45,13 +45,7 @@ DTYPE_BYTES = {"U8": 1, "F16": 2, "BF16": 2, "U32": 4, "F32": 4}
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny GEMMs: one thread is deterministic and does not spin on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def naive_mlx_codes(words: torch.Tensor, n: int, bits: int) -> torch.Tensor:

@@ -31,13 +31,7 @@ from qalora.quant.model import quantize_model  # noqa: E402
 PROMPTS = ["the quick brown fox jumps over the lazy dog", "group wise scales and offsets describe every block"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny GEMMs: a second thread only spins on a loaded machine, and one thread is deterministic."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rounding_bound(scale, offset, bits, group_size):
