@@ -64,7 +64,7 @@ def embedded_dir():
 
 # ------------------------------------------------------------------ safetensors layout
 
-SAFETENSORS_DTYPE_BYTES = {"U8": 1, "I8": 1, "BF16": 2, "F16": 2, "I32": 4, "F32": 4, "I64": 8, "F64": 8}
+SAFETENSORS_DTYPE_BYTES = {"U8": 1, "I8": 1, "BF16": 2, "F16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "F64": 8}
 
 
 def safetensors_table(path) -> tuple[int, dict[str, tuple[str, tuple[int, ...], int, int]]]:

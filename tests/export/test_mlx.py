@@ -25,7 +25,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import safetensors_table, tiny_llama, tiny_tokenizer
+from conftest import assert_safetensors_exact, safetensors_table, tiny_llama, tiny_tokenizer
 from qalora.api import quantize
 from qalora.checkpoint import load, save_checkpoint
 from qalora.cli import main
@@ -41,7 +41,6 @@ from qalora.quant.weight import QuantizedWeight
 
 PROMPTS = ["the quick brown fox jumps over the lazy dog", "group wise scales and offsets describe every block",
            "low rank adapters"]
-DTYPE_BYTES = {"U8": 1, "F16": 2, "BF16": 2, "U32": 4, "F32": 4}
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -190,18 +189,6 @@ def expected_tensors(ckpt: Path, dtype: str) -> dict[str, tuple[str, tuple[int, 
     return want
 
 
-def assert_exact_file(path: Path, expected: dict) -> int:
-    """The file holds exactly ``expected``, tensors back to back, size 8 + header + tensor bytes."""
-    n_header, table = safetensors_table(path)
-    assert {k: v[:2] for k, v in table.items()} == expected
-    at = 0
-    for begin, end, name, nbytes in sorted((b, e, n, DTYPE_BYTES[d] * int(np.prod(s))) for n, (d, s, b, e) in table.items()):
-        assert (begin, end) == (at, at + nbytes), name
-        at = end
-    assert path.stat().st_size == 8 + n_header + at
-    return at
-
-
 @pytest.mark.parametrize("name", list(EXPORTS))
 def test_layout_codes_scales_biases_exact(checkpoints, exported, name):
     _, cases = checkpoints
@@ -209,7 +196,7 @@ def test_layout_codes_scales_biases_exact(checkpoints, exported, name):
     case, dtype = EXPORTS[name]
     ckpt, folder, report = cases[case], out / name, reports[name]
     want = expected_tensors(ckpt, dtype)
-    tensor_bytes = assert_exact_file(folder / "model.safetensors", want)
+    tensor_bytes = assert_safetensors_exact(folder / "model.safetensors", want)
     assert report["weights_bytes"] == tensor_bytes
     meta = json.loads((ckpt / "qalora.json").read_text())
     td = TORCH_DTYPES[dtype]
