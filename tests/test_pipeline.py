@@ -35,12 +35,17 @@ def _configs(data, steps=4, bits=4):
 def test_pipeline_runs_every_stage_and_resumes(setup, capsys):
     root, data = setup
     out = root / "run"
-    s = pipeline(root / "fp", out, **_configs(data), speed_tokens=4, progress=False)
+    s = pipeline(root / "fp", out, **_configs(data), export="gguf,mlx", speed_tokens=4, progress=False)
     for sub in ("quantized/qalora.json", "adapter/adapter_config.json", f"merged/{REPORT_FILE}", "model.gguf",
-                "pipeline.json"):
+                "model-mlx/config.json", "model-mlx/model.safetensors", "model-mlx.json", "pipeline.json"):
         assert (out / sub).is_file(), sub
     assert json.loads((out / "pipeline.json").read_text()) == json.loads(json.dumps(s))
     assert s["bits"] == 4 and s["train_steps"] == 4 and s["gguf_bytes"] == (out / "model.gguf").stat().st_size
+    mlx_files = sorted(p for p in (out / "model-mlx").rglob("*") if p.is_file())
+    assert s["mlx_bytes"] == sum(p.stat().st_size for p in mlx_files)
+    record = json.loads((out / "model-mlx.json").read_text())
+    assert record["options"] == {"dtype": "float16"} and record["files"] == {
+        str(p.relative_to(out / "model-mlx")): sha256_file(p) for p in mlx_files}
     assert s["val_loss_after"] < s["val_loss_before"]                 # lr 1e-2 on 12 repeated examples
     assert s["merge"]["fp64_max_abs_logit_diff"] <= 1e-4
     assert s["merge"]["weights"]["max_weight_err_ulps"] <= 0.5 + 1e-6
@@ -49,10 +54,37 @@ def test_pipeline_runs_every_stage_and_resumes(setup, capsys):
     assert "INT4 g32 RTN" in table and f"{s['val_loss_before']:.4f}" in table
 
     mtime = (out / "merged" / "model.safetensors").stat().st_mtime_ns
-    again = pipeline(root / "fp", out, **_configs(data), speed_tokens=4, progress=True)
+    again = pipeline(root / "fp", out, **_configs(data), export="gguf,mlx", speed_tokens=4, progress=True)
     assert "reusing" in capsys.readouterr().out
     assert (out / "merged" / "model.safetensors").stat().st_mtime_ns == mtime
     assert again["merge"] == s["merge"] and again["val_loss_after"] == s["val_loss_after"]
+    assert again["mlx_bytes"] == s["mlx_bytes"] and again["exports"] == s["exports"]
+
+    cfg = out / "model-mlx" / "config.json"
+    kept = cfg.read_bytes()
+    cfg.write_bytes(kept + b" ")
+    with pytest.raises(QaloraError, match=r"model-mlx' differs from the files that were exported \(sha256 in "
+                                          r"model-mlx.json\); it was edited or truncated"):
+        pipeline(root / "fp", out, **_configs(data), export="mlx", speed_tokens=4, progress=False)
+    cfg.write_bytes(kept)
+
+
+@pytest.mark.parametrize("value, formats", [("gguf", ("gguf",)), ("gguf,mlx", ("gguf", "mlx")), (" mlx , gguf", ("mlx", "gguf")),
+                                            ("none", ()), ("", ()), (False, ()), (True, ("gguf",)), (("mlx",), ("mlx",))])
+def test_export_formats_parse(value, formats):
+    from qalora.stages.export import parse_formats
+
+    assert parse_formats(value) == formats
+
+
+def test_pipeline_refuses_an_unknown_export_before_any_work(setup, tmp_path, capsys):
+    root, data = setup
+    out = tmp_path / "never"
+    with pytest.raises(QaloraError, match=r"export format 'onnx' is unknown; use a comma-separated list of gguf, mlx, or none"):
+        pipeline(root / "fp", out, **_configs(data, steps=2), export="gguf,onnx", progress=False)
+    assert main(["pipeline", "--model", str(root / "fp"), "--out", str(out), "--export", "tflite"]) == 2
+    assert "export format 'tflite' is unknown" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_pipeline_refuses_a_stage_with_another_config(setup):
@@ -167,7 +199,7 @@ def test_pipeline_cli(setup, tmp_path, capsys):
     root, data = setup
     rc = main(["pipeline", "--model", str(root / "fp"), "--out", str(tmp_path / "cli"), "--quant-method", "rtn",
                "--bits", "2", "--steps", "2", "--rank", "4", "--data", str(data), "--max-seq-len", "64",
-               "--speed-tokens", "2", "--no-export", "--quiet"])
+               "--speed-tokens", "2", "--export", "none", "--quiet"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "INT2 g32 RTN" in text and "validation loss" in text and "merge error fp64" in text

@@ -161,8 +161,8 @@ def cmd_pipeline(args) -> int:
     summary = pipeline(args.model, args.out, quant=c.quant_config(), lora=c.lora_config(), train_cfg=c.train_config(),
                        export=c.export, speed_tokens=c.speed_tokens, progress=not args.quiet)
     print(format_table(summary))
-    print(f"stages in {args.out}: quantized/ adapter/ merged/{' model.gguf' if c.export else ''} "
-          f"pipeline.json")
+    exports = "".join(f" {Path(p).name}" + ("/" if Path(p).is_dir() else "") for p in summary["exports"].values())
+    print(f"stages in {args.out}: quantized/ adapter/ merged/{exports} pipeline.json")
     return 0
 
 

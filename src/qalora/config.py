@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 from qalora.adapters.methods import METHODS
 from qalora.errors import QaloraError
-from qalora.quant.qparams import SUPPORTED_BITS
+from qalora.quant.bits import SUPPORTED_BITS
 
 QUANT_METHODS = ("rtn", "gptq")
 
@@ -190,7 +190,8 @@ class PipelineConfig:
         steps, lr, rank, batch_size, max_seq_len, data, seed: the QA-LoRA run (``TrainConfig``,
             ``LoraConfig``); validation and checkpoints at half and at the end.
         speed_tokens: tokens decoded to time the merged model against the unmerged one.
-        export: write ``model.gguf`` (llama.cpp).
+        export: runtimes to write the merged model for, comma-separated: ``gguf`` (llama.cpp,
+            ``model.gguf``), ``mlx`` (mlx-lm, ``model-mlx/``), or ``none``.
     """
 
     bits: int = field(default=3, metadata={"help": "bits per weight code: 2, 3, 4 or 8"})
@@ -205,7 +206,8 @@ class PipelineConfig:
     data: str = field(default=TrainConfig.data, metadata={"help": "'default' (packaged mixture) or a JSON/JSONL file"})
     seed: int = field(default=TrainConfig.seed, metadata={"help": "seed for init, dropout and data order"})
     speed_tokens: int = field(default=64, metadata={"help": "tokens decoded to time merged vs unmerged"})
-    export: bool = field(default=True, metadata={"help": "write the GGUF for llama.cpp"})
+    export: str = field(default="gguf", metadata={"help": "comma-separated exports of the merged model: gguf "
+                                                          "(llama.cpp), mlx (mlx-lm), or none"})
 
     def quant_config(self) -> QuantConfig:
         return QuantConfig(bits=self.bits, group_size=self.group_size, method=self.quant_method,

@@ -157,7 +157,7 @@ def test_methods_suite_smoke(tmp_path):
     s = reproduce(tmp_path / "out", "smoke", str(tmp_path / "fp"), suite="methods", grids=[(2, 32)], progress=False)
     rows = {r["row"]: r for r in s["rows"]}
     assert list(rows) == [r.name for r in METHOD_ROWS if r.runs_on(2, 32)] and s["grids"] == ["int2-g32"]
-    assert "lota-omega16" not in rows and "lota" in rows  # the ω = 16 row runs on INT3 g32 only
+    assert "lota-omega32" not in rows and "lota" in rows  # the ω = 32 row runs on INT3 g32 only
     assert (tmp_path / "out" / "methods-int2g32.json").is_file()
     for name, r in rows.items():
         assert r["heldout_loss"] > 0 and r["bits"] == 2

@@ -14,8 +14,7 @@ from __future__ import annotations
 import torch
 
 from qalora.errors import QaloraError
-
-SUPPORTED_BITS = (2, 3, 4, 8)
+from qalora.quant.bits import SUPPORTED_BITS  # noqa: F401  (re-exported)
 
 
 def check_bits(bits: int) -> None:

@@ -1,4 +1,4 @@
-"""``qalora pipeline``: quantize -> train QA-LoRA -> exact merge (verified) -> GGUF export -> table.
+"""``qalora pipeline``: quantize -> train QA-LoRA -> exact merge (verified) -> export (GGUF, MLX) -> table.
 
 Every stage writes a folder (or file) under ``out`` that the matching single command would
 have written, so each result can be reused on its own::
@@ -6,8 +6,9 @@ have written, so each result can be reused on its own::
     out/quantized/    qalora quantize   (GPTQ by default)
     out/adapter/      qalora train      (QA-LoRA on the default instruction mixture)
     out/merged/       qalora merge      (+ merge_report.json)
-    out/model.gguf    qalora export --format gguf
-    out/model.gguf.json   what the GGUF was exported from (merged weights SHA-256) and its options
+    out/model.gguf    qalora export --format gguf   (--export gguf, the default)
+    out/model-mlx/    qalora export --format mlx    (--export mlx, or gguf,mlx)
+    out/*.json        beside each export: what it was made from, its options, its files' SHA-256
     out/pipeline.json the summary table below, as JSON
 
 Running the same command again resumes: a finished stage whose recorded inputs equal the
@@ -31,11 +32,11 @@ from qalora.checkpoint import weights_sha256
 from qalora.config import LoraConfig, PipelineConfig, QuantConfig, TrainConfig
 from qalora.errors import QaloraError
 from qalora.io import model_fingerprint, read_json, sha256_file, work_dir, write_json
+from qalora.stages.export import BY_NAME, export_stage, parse_formats
 from qalora.stages.identity import normalized, require_same
 
 SUMMARY_FILE = "pipeline.json"
 SPEED_PROMPT = "Write a short paragraph about why the sky is blue."
-GGUF_OPTIONS = (("float_type", "f16"), ("fallback", None))  # export_gguf's options, recorded with the file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,10 +56,6 @@ class PipelinePaths:
     @property
     def merged(self) -> Path:
         return self.root / "merged"
-
-    @property
-    def gguf(self) -> Path:
-        return self.root / "model.gguf"
 
     @property
     def summary(self) -> Path:
@@ -118,31 +115,12 @@ def _stage_merge(paths: PipelinePaths, base_sha256: str, progress: bool) -> dict
     return merge(paths.quantized, paths.adapter, paths.merged, progress=progress)
 
 
-def export_record(paths: PipelinePaths) -> Path:
-    """The record beside the pipeline's GGUF file: what it was exported from, with which options."""
-    return paths.gguf.with_name(paths.gguf.name + ".json")
-
-
-def _stage_export(paths: PipelinePaths, options: dict, progress: bool) -> dict:
+def _stage_exports(paths: PipelinePaths, formats: tuple[str, ...], progress: bool) -> dict[str, dict]:
     from qalora.checkpoint import read_meta
-    from qalora.export.gguf import export_gguf
 
-    wanted = {"checkpoint_sha256": weights_sha256(read_meta(paths.merged)), "options": options}
-    record = export_record(paths)
-    if paths.gguf.exists():
-        recorded = read_json(record, "export record") if record.is_file() else None
-        require_same(paths.gguf, "GGUF export", recorded, wanted, hint="delete it or choose another --out")
-        if recorded.get("gguf_sha256") != sha256_file(paths.gguf):
-            raise QaloraError(f"{str(paths.gguf)!r} differs from the file that was exported (sha256 in "
-                              f"{record.name}); it was edited or truncated; delete it or choose another --out")
-        _say(f"4/5 export: reusing {paths.gguf}", progress)
-        return {"path": str(paths.gguf), "bytes": paths.gguf.stat().st_size}
-    _say(f"4/5 export GGUF -> {paths.gguf}", progress)
-    if record.exists():
-        record.unlink()  # a record without its file describes nothing
-    report = export_gguf(paths.merged, paths.gguf, progress=progress, **options)
-    write_json(record, {**wanted, "source": str(paths.merged), "gguf_sha256": sha256_file(paths.gguf)})
-    return {**report, "path": str(paths.gguf), "bytes": paths.gguf.stat().st_size}
+    sha = weights_sha256(read_meta(paths.merged))
+    return {name: export_stage(BY_NAME[name], paths.root, paths.merged, sha, lambda m: _say(m, progress), progress)
+            for name in formats}
 
 
 @torch.inference_mode()
@@ -182,15 +160,18 @@ def _stage_speed(paths: PipelinePaths, new_tokens: int, progress: bool) -> dict:
 
 def pipeline(model: str | os.PathLike | None = "default", out: str | os.PathLike = "qalora-pipeline", *,
              quant: QuantConfig | None = None, lora: LoraConfig | None = None, train_cfg: TrainConfig | None = None,
-             export: bool = True, speed_tokens: int = 64, progress: bool = True) -> dict:
+             export: str | tuple[str, ...] | bool = "gguf", speed_tokens: int = 64, progress: bool = True) -> dict:
     """Run (or resume) the whole path on ``model`` under the folder ``out``; returns the summary
-    also written to ``out/pipeline.json`` (see :func:`format_table`)."""
+    also written to ``out/pipeline.json`` (see :func:`format_table`). ``export``: the runtimes to
+    write the merged model for, ``"gguf"`` (default), ``"mlx"``, ``"gguf,mlx"`` or ``"none"``
+    (:mod:`qalora.stages.export`)."""
     defaults = PipelineConfig()
     quant = quant or defaults.quant_config()
     lora = lora or defaults.lora_config()
     train_cfg = train_cfg or defaults.train_config()
     if train_cfg.method != "qalora":
         raise QaloraError(f"the pipeline trains QA-LoRA (its adapters merge exactly); got method {train_cfg.method!r}")
+    formats = parse_formats(export)
     if isinstance(speed_tokens, bool) or not isinstance(speed_tokens, int) or speed_tokens < 1:
         raise QaloraError(f"speed_tokens must be an integer >= 1, got {speed_tokens!r}")
     root = work_dir(out)
@@ -208,7 +189,7 @@ def pipeline(model: str | os.PathLike | None = "default", out: str | os.PathLike
     base_sha256 = weights_sha256(qmeta)
     adapter = timed("train", _stage_train, paths, train_cfg, lora, base_sha256, progress)
     report = timed("merge", _stage_merge, paths, base_sha256, progress)
-    gguf = timed("export", _stage_export, paths, dict(GGUF_OPTIONS), progress) if export else None
+    exports = timed("export", _stage_exports, paths, formats, progress) if formats else {}
     speed = timed("speed", _stage_speed, paths, speed_tokens, progress)
 
     qbytes = (paths.quantized / "model.safetensors").stat().st_size
@@ -217,7 +198,9 @@ def pipeline(model: str | os.PathLike | None = "default", out: str | os.PathLike
         "model": str(model), "source_sha256": qmeta.get("source_sha256"), "base_sha256": base_sha256,
         "adapter_sha256": report.get("adapter_sha256"), "out": str(root), "bits": quant.bits, "group_size": quant.group_size,
         "quant_method": quant.method, "bits_per_quantized_weight": qmeta["report"].get("bits_per_quantized_weight"),
-        "quantized_bytes": qbytes, "merged_bytes": mbytes, "gguf_bytes": gguf["bytes"] if gguf else None,
+        "quantized_bytes": qbytes, "merged_bytes": mbytes,
+        "gguf_bytes": exports["gguf"]["bytes"] if "gguf" in exports else None,
+        "mlx_bytes": exports["mlx"]["bytes"] if "mlx" in exports else None, "exports": {k: v["path"] for k, v in exports.items()},
         "train_steps": adapter["steps"], "trainable_parameters": adapter["trainable_parameters"],
         "val_loss_before": adapter["val_loss_start"], "val_loss_after": adapter["val_loss_end"],
         "seconds_per_step": adapter["seconds_per_step"],
@@ -242,7 +225,7 @@ def format_table(s: dict) -> str:
         ("weights", f"INT{s['bits']} g{s['group_size']} {s['quant_method'].upper()} "
                     f"({s['bits_per_quantized_weight']:.2f} bits/weight incl. scale+offset)"),
         ("size on disk", f"quantized {_mb(s['quantized_bytes'])}, merged {_mb(s['merged_bytes'])}, "
-                         f"GGUF {_mb(s['gguf_bytes'])}"),
+                         f"GGUF {_mb(s['gguf_bytes'])}, MLX {_mb(s.get('mlx_bytes'))}"),
         ("QA-LoRA", f"{s['trainable_parameters']:,} trainable parameters, {s['train_steps']} steps, "
                     f"{s['seconds_per_step']:.2f} s/step"),
         ("validation loss", f"{s['val_loss_before']:.4f} before tuning -> {s['val_loss_after']:.4f} after"),
