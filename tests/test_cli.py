@@ -71,6 +71,25 @@ def test_every_subcommand_has_help(command, capsys):
     assert e.value.code == 0 and f"usage: qalora {command}" in capsys.readouterr().out
 
 
+def test_help_imports_nothing_heavy():
+    """``qalora --help`` and every subcommand's help build their options from the configs without
+    importing torch or transformers (one fresh interpreter for all, so nothing is cached)."""
+    code = ("import sys, qalora.cli as c\n"
+            "for cmd in ([], ['quantize'], ['train'], ['merge'], ['export'], ['pipeline'], ['reproduce'], ['eval'],"
+            " ['generate']):\n"
+            "    try:\n        c.main([*cmd, '--help'])\n    except SystemExit:\n        pass\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'safetensors', 'gguf', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_kernel_names_are_the_registry_kernels():
+    from qalora.kernels.names import KERNEL_CHOICES
+    from qalora.kernels.registry import KERNELS
+
+    assert KERNEL_CHOICES == ("auto", *(k.name for k in KERNELS))
+
+
 def test_generated_options_read_their_dataclasses():
     from qalora.config import LoraConfig, PipelineConfig, TrainConfig
     from qalora.eval.evaluate import EvalOptions

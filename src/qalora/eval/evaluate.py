@@ -30,9 +30,9 @@ import torch
 
 from qalora.errors import QaloraError
 from qalora.eval.choice_scoring import ItemScore, score_items
-from qalora.eval.mmlu import SHOTS
+from qalora.eval.options import EvalOptions
 from qalora.eval.stats import Estimate, accuracy, average
-from qalora.eval.task_spec import Selection, TaskSpec
+from qalora.eval.task_spec import TaskSpec
 from qalora.eval.tasks import registry, resolve_tasks
 
 #: How an item's outcome gives each metric.
@@ -41,38 +41,6 @@ METRICS: dict[str, Callable[[ItemScore], bool]] = {"acc": lambda s: s.acc, "acc_
 #: Files one of which a Hugging Face tokenizer folder holds.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model",
                    "vocab.txt", "tekken.json")
-
-
-def _field(default: Any, help_: str) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help_})
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalOptions:
-    """Options of :func:`evaluate` (the CLI reads its defaults here)."""
-
-    shots: int = _field(0, "MMLU examples, the first of each subject's dev split: 0 or 5 (other tasks are 0-shot)")
-    limit: int | None = _field(None, "items per task, all if not given (MMLU: spread evenly over the 57 subjects; "
-                                     "perplexity: see windows)")
-    seed: int = _field(0, "seed of the --limit subset")
-    subset: str = _field("random", "which --limit items: 'random' (seeded) or 'first' (file order, as lm-eval)")
-    batch_size: int = _field(4, "sequences per forward pass (perplexity windows; choices with separate contexts)")
-    max_length: int = _field(2048, "tokens per scored sequence; longer prompts lose tokens on the left")
-    seq_len: int = _field(512, "tokens per perplexity window")
-    windows: int = _field(32, "perplexity windows (first N of the held-out stream)")
-
-    def __post_init__(self):
-        if self.shots not in SHOTS or isinstance(self.shots, bool):
-            raise QaloraError(f"shots {self.shots!r} is not supported; use one of: {', '.join(map(str, SHOTS))}")
-        Selection(self.limit, self.seed, self.subset)  # validates limit, seed and subset
-        for name, minimum in (("batch_size", 1), ("max_length", 2), ("seq_len", 2), ("windows", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise QaloraError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-    @property
-    def selection(self) -> Selection:
-        return Selection(self.limit, self.seed, self.subset)
 
 
 def require_tokenizer(model: str | os.PathLike) -> None:

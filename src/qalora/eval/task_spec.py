@@ -19,11 +19,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from collections.abc import Callable, Sequence
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from qalora.errors import QaloraError
+
+if TYPE_CHECKING:
+    import torch
 
 SUBSET_MODES = ("random", "first")
 
@@ -132,6 +133,8 @@ def allocate(sizes: Sequence[int], limit: int) -> list[int]:
 def _generator(seed: int, key: str) -> torch.Generator:
     """A torch generator seeded from ``sha256(f"{seed}/{key}")``: one independent stream per
     (seed, task or group), the same on every machine and Python version."""
+    import torch  # here, so task names and options import without torch (``qalora --help``)
+
     digest = hashlib.sha256(f"{seed}/{key}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
@@ -143,6 +146,8 @@ def pick(n: int, k: int, *, seed: int, key: str, mode: str = "random") -> list[i
         return list(range(n))
     if mode == "first":
         return list(range(k))
+    import torch
+
     return sorted(torch.randperm(n, generator=_generator(seed, key))[:k].tolist())
 
 

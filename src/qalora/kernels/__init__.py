@@ -6,6 +6,14 @@ GEMM) works for every width and group size; ``int4`` uses PyTorch's tinygemm int
 ``dense`` is ``reference`` with the dequantized weight cached (fast, 32 bits per weight).
 """
 
-from qalora.kernels.registry import KERNELS, Kernel, get_kernel, select_kernel
+import importlib
+
+_EXPORTS = ("KERNELS", "Kernel", "get_kernel", "select_kernel")  # from .registry, imported on first use (torch)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module("qalora.kernels.registry"), name)
+    raise AttributeError(f"module 'qalora.kernels' has no attribute {name!r}")
 
 __all__ = ["KERNELS", "Kernel", "get_kernel", "select_kernel"]

@@ -9,6 +9,7 @@ import torch
 
 from qalora.errors import QaloraError
 from qalora.kernels import dense, int4, reference
+from qalora.kernels.names import KERNEL_CHOICES, KERNEL_NAMES
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,8 @@ KERNELS: list[Kernel] = [
     Kernel("dense", dense.dense_supports, dense.dense_prepare, dense.dense_matmul),
 ]
 
-KERNEL_CHOICES = ("auto",) + tuple(k.name for k in KERNELS)
+if tuple(k.name for k in KERNELS) != KERNEL_NAMES:  # one list of names, kept where the CLI reads it without torch
+    raise ImportError(f"kernels.names.KERNEL_NAMES {KERNEL_NAMES} differs from the registry's kernels")
 
 
 def get_kernel(name: str) -> Kernel:
