@@ -62,11 +62,18 @@ def cmd_quantize(args) -> int:
 
 def cmd_train(args) -> int:
     from qalora.config import LoraConfig, TrainConfig
+    from qalora.training.distributed import from_env, leave
     from qalora.training.loop import train
 
     cfg = dataclass_from_args(TrainConfig, args)
     lora = dataclass_from_args(LoraConfig, args)
-    out = train(args.model, args.out, cfg, lora, resume=args.resume, progress=not args.quiet)
+    ranks = from_env()  # torchrun --nproc-per-node N -m qalora train ...: one process per rank
+    try:
+        out = train(args.model, args.out, cfg, lora, resume=args.resume, progress=not args.quiet, ranks=ranks)
+    finally:
+        leave(ranks)
+    if not ranks.main:
+        return 0
     start = out["val_loss_start"]
     print(f"wrote {args.out}: {out['method']} adapter, {out['trainable_parameters']:,} trainable parameters; "
           f"validation loss {start:.4f} -> {out['val_loss_end']:.4f}; {out['seconds_per_step']:.2f} s/step; "

@@ -1,10 +1,12 @@
 """The training loop shared by QA-LoRA and its baselines (``qalora train``).
 
-One optimizer step = ``grad_accum`` micro-batches whose summed token losses are divided by the
-step's total number of response tokens, so accumulation equals one large batch. The data order
-is a pure function of (seed, epoch) and the step number, and the RNG, optimizer and scheduler
-states are checkpointed, so a run stopped at any point and resumed ends with the same adapter
-as an uninterrupted run (bit-identical on CPU).
+One optimizer step = ``grad_accum`` micro-batches (per process; ``W·grad_accum`` over ``W``
+processes under torchrun, see :mod:`qalora.training.distributed`) whose summed token losses are
+divided by the step's total number of response tokens, so accumulation equals one large batch.
+The data order is a pure function of (seed, epoch) and the micro-batch number, each micro-batch's
+random draws (dropout) are seeded from its number, and the optimizer and scheduler states are
+checkpointed, so a run stopped at any point and resumed ends with the same adapter as an
+uninterrupted run (bit-identical on CPU in one process).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from qalora.errors import QaloraError
 from qalora.io import read_json, write_json
 from qalora.training.optim import Optimizers
 from qalora.training.data import TrainData, load_train_data
+from qalora.training.distributed import Ranks, micro_seed, no_sync, wrap
 from qalora.training.state import latest_checkpoint, load_train_state, save_train_state
 
 RUN_FILE = "run.json"
@@ -42,18 +45,18 @@ RESUME_KEYS = ("method", "base_sha256", "data", "batch_size", "grad_accum", "lr"
 
 @dataclass
 class StepBatch:
-    micro: list[dict]
-    tokens: int        # response tokens (the loss is averaged over these)
-    input_tokens: int  # all non-padding tokens the model processes
+    micro: list[tuple[int, dict]]  # (global micro-batch number, batch) run by this process
+    tokens: int                    # response tokens of the whole step, every process (the loss is averaged over these)
+    input_tokens: int              # all non-padding tokens the processes run
 
 
-def _step_batches(data: TrainData, step: int, cfg: TrainConfig) -> StepBatch:
-    """The micro-batches of optimizer step ``step`` (0-based), derived from the step alone."""
-    micro = []
-    for k in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum):
-        micro.append(data.train_batch(k))
-    return StepBatch(micro, sum(int((b["labels"] != -100).sum()) for b in micro),
-                     sum(int(b["attention_mask"].sum()) for b in micro))
+def _step_batches(data: TrainData, step: int, cfg: TrainConfig, ranks: Ranks) -> StepBatch:
+    """This process's micro-batches of optimizer step ``step`` (0-based), derived from the step
+    alone, with the step's token counts summed over processes."""
+    micro = [(k, data.train_batch(k)) for k in ranks.micro_batches(step, cfg.grad_accum)]
+    tokens = sum(int((b["labels"] != -100).sum()) for _, b in micro)
+    inputs = sum(int(b["attention_mask"].sum()) for _, b in micro)
+    return StepBatch(micro, int(ranks.sum(tokens)), int(ranks.sum(inputs)))
 
 
 def _token_loss_sum(model, batch: dict, dtype_ctx) -> torch.Tensor:
@@ -81,10 +84,11 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _run_identity(cfg: TrainConfig, lora: LoraConfig, base_sha: str) -> dict:
+def _run_identity(cfg: TrainConfig, lora: LoraConfig, base_sha: str, world: int = 1) -> dict:
+    """What a resume must match; ``grad_accum`` is the step's micro-batches over all processes."""
     d = cfg.to_dict()
     d.pop("steps"), d.pop("eval_every"), d.pop("eval_batches"), d.pop("save_every")
-    return {**d, "lora": lora.to_dict(), "base_sha256": base_sha}
+    return {**d, "grad_accum": cfg.grad_accum * world, "lora": lora.to_dict(), "base_sha256": base_sha}
 
 
 def _check_resume(adir: Path, identity: dict) -> None:
@@ -92,6 +96,8 @@ def _check_resume(adir: Path, identity: dict) -> None:
     for key in RESUME_KEYS:
         if prev.get(key) != identity.get(key):
             what = "base checkpoint" if key == "base_sha256" else key
+            if key == "grad_accum":
+                what = "number of micro-batches per step over all processes (processes x --grad-accum)"
             raise QaloraError(f"--resume {str(adir)!r}: that run used a different {what} "
                               f"({prev.get(key)!r} vs {identity.get(key)!r}); resume with the same settings or use a new --out")
 
@@ -107,13 +113,18 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def train(model: str | os.PathLike | None, out: str | os.PathLike, cfg: TrainConfig | None = None,
-          lora: LoraConfig | None = None, resume: bool = False, progress: bool = True) -> dict:
+          lora: LoraConfig | None = None, resume: bool = False, progress: bool = True,
+          ranks: Ranks | None = None) -> dict:
     """Train adapters of ``cfg.method`` on ``model``; write them to ``out``.
+
+    ``ranks``: this process's place under torchrun (``training.distributed.from_env()``); every
+    process runs this function, process 0 alone writes files and prints.
 
     Returns the adapter config written to ``out/adapter_config.json`` (method, rank, alpha,
     targets, group size, base fingerprint, trainable parameters, losses, speed, memory).
     """
-    cfg, lora = cfg or TrainConfig(), lora or LoraConfig()
+    cfg, lora, ranks = cfg or TrainConfig(), lora or LoraConfig(), ranks or Ranks()
+    progress = progress and ranks.main
     adir = Path(out).expanduser()
     if resume and not (adir / RUN_FILE).is_file():
         raise QaloraError(f"--resume {str(adir)!r}: no run to resume there (no {RUN_FILE})")
@@ -124,7 +135,7 @@ def train(model: str | os.PathLike | None, out: str | os.PathLike, cfg: TrainCon
 
     kinds = method_kinds(cfg.method, lora)  # refuses a switch the method does not take
     base = load_base(cfg.method, model, cfg.compute_dtype)
-    identity = _run_identity(cfg, lora, base.sha256)
+    identity = _run_identity(cfg, lora, base.sha256, ranks.world)
     if resume:
         _check_resume(adir, identity)
     data = load_train_data(cfg.data, base.tokenizer, cfg)  # validates data before any file is written
@@ -139,11 +150,13 @@ def train(model: str | os.PathLike | None, out: str | os.PathLike, cfg: TrainCon
         else:
             net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optim = Optimizers(net, cfg)
+    runner = wrap(net, ranks)  # DDP over the adapter parameters when there are several processes
     dtype_ctx = (lambda: torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16)) \
         if cfg.compute_dtype == "bf16" else nullcontext
 
     start = 0
     metrics = adir / "metrics.jsonl"
+    ranks.barrier()  # every process has validated its inputs before process 0 writes anything
     if resume and (ckpt := latest_checkpoint(adir)) is not None:
         adapter, state = load_train_state(ckpt)
         load_adapter_state(net, adapter)
@@ -152,18 +165,23 @@ def train(model: str | os.PathLike | None, out: str | os.PathLike, cfg: TrainCon
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         start = state["step"]
-        _truncate_metrics(metrics, start)
-    else:
+        if ranks.main:
+            _truncate_metrics(metrics, start)
+    elif ranks.main:
         adir.mkdir(exist_ok=resume)
-        write_json(adir / RUN_FILE, {**identity, "base_path": base.path, "targets_wrapped": len(names)})
+        write_json(adir / RUN_FILE, {**identity, "base_path": base.path, "targets_wrapped": len(names),
+                                     "processes": ranks.world})
         metrics.write_text("")
     if start >= cfg.steps:
         raise QaloraError(f"--resume {str(adir)!r}: the run already reached step {start}; ask for more --steps")
 
-    print(f"qalora train: method {cfg.method} ({'+'.join(kinds)}), {len(names)} adapters, {n_trainable:,} trainable parameters, "
-          f"{data.n_train} train / {data.n_val} validation examples", flush=True)
-    val0 = validation_loss(net, data, dtype_ctx)
-    if start == 0:
+    if ranks.main:
+        procs = f", {ranks.world} processes" if ranks.distributed else ""
+        print(f"qalora train: method {cfg.method} ({'+'.join(kinds)}), {len(names)} adapters, {n_trainable:,} trainable "
+              f"parameters, {data.n_train} train / {data.n_val} validation examples{procs}", flush=True)
+    # the validation loss is process 0's alone (the others hold the same adapter)
+    val0 = validation_loss(net, data, dtype_ctx) if ranks.main else float("nan")
+    if start == 0 and ranks.main:
         _log(metrics, {"step": 0, "val_loss": val0})
     net.train()
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.method}", disable=not progress)
@@ -171,12 +189,15 @@ def train(model: str | os.PathLike | None, out: str | os.PathLike, cfg: TrainCon
     val = val0
     for step in range(start, cfg.steps):
         t0 = time.time()
-        sb = _step_batches(data, step, cfg)
+        sb = _step_batches(data, step, cfg, ranks)
         loss_sum = 0.0
-        for batch in sb.micro:
-            loss = _token_loss_sum(net, batch, dtype_ctx) / max(sb.tokens, 1)
-            loss.backward()
+        for i, (k, batch) in enumerate(sb.micro):
+            with torch.random.fork_rng(devices=[]), no_sync(runner, last=i == len(sb.micro) - 1):
+                torch.manual_seed(micro_seed(cfg.seed, k))
+                loss = _token_loss_sum(runner, batch, dtype_ctx) / max(sb.tokens, 1)
+                (loss * ranks.world).backward()  # DDP averages over processes: the sum of every token's loss
             loss_sum += float(loss.detach())
+        loss_sum = ranks.sum(loss_sum)
         if not math.isfinite(loss_sum):
             bar.close()
             raise QaloraError(f"the loss became {loss_sum} at step {step + 1}; stopped. The last good checkpoint "
@@ -189,11 +210,13 @@ def train(model: str | os.PathLike | None, out: str | os.PathLike, cfg: TrainCon
                "tokens": sb.tokens, "input_tokens": sb.input_tokens, "seconds": round(dt, 4)}
         if optim.ternary_changed is not None:
             rec["ternary_changed"] = optim.ternary_changed
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+        if ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps) and ranks.main:
             val = rec["val_loss"] = validation_loss(net, data, dtype_ctx)
-        _log(metrics, rec)
+        if ranks.main:
+            _log(metrics, rec)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            save_train_state(adir, step + 1, adapter_state(net), optim.state_dict())
+            if ranks.main:
+                save_train_state(adir, step + 1, adapter_state(net), optim.state_dict())
             last_good = step + 1
         bar.set_postfix(loss=f"{loss_sum:.3f}", val=f"{val:.3f}", tok_s=f"{tokens_seen / (time.time() - t_start):.0f}")
         bar.update(1)
@@ -208,9 +231,15 @@ def train(model: str | os.PathLike | None, out: str | os.PathLike, cfg: TrainCon
               "base_bits": base.bits, "base_path": base.path, "base_sha256": base.sha256,
               **state_counts(state, ternary_parameter_names(net)), "steps": cfg.steps, "train_config": cfg.to_dict(),
               "compute": {"dtype": cfg.compute_dtype, "base_kernel": BASE_KERNELS[cfg.compute_dtype]},
-              "val_loss_start": _first_val(metrics), "val_loss_end": val,
+              "val_loss_start": _first_val(metrics) if ranks.main else None, "val_loss_end": val,
+              "processes": ranks.world,
               "seconds_per_step": elapsed / max(steps_run, 1), "peak_rss_mb": round(_peak_rss_mb(), 1)}
-    return write_adapter(adir, state, config)
+    if not ranks.main:
+        ranks.barrier()  # returns once process 0 has written the adapter
+        return config
+    written = write_adapter(adir, state, config)
+    ranks.barrier()
+    return written
 
 
 def _lota_omega(net) -> float | None:
