@@ -105,31 +105,6 @@ def cmd_merge(args) -> int:
     return 0
 
 
-def cmd_export(args) -> int:
-    if args.dtype is not None and args.format != "mlx":
-        raise QaloraError("--dtype applies to --format mlx only")
-    if args.format == "mlx":
-        if args.fallback is not None:
-            raise QaloraError("--fallback applies to --format gguf only; the mlx format holds every layer it accepts")
-        from qalora.export.mlx import export_mlx
-
-        export_mlx(args.model, args.out, **({"dtype": args.dtype} if args.dtype else {}), progress=not args.quiet)
-        return 0
-    if args.format == "torchao":
-        if args.fallback is not None:
-            raise QaloraError("--fallback applies to --format gguf only; the torchao format holds every layer")
-        from qalora.export.torchao import export_torchao
-
-        export_torchao(args.model, args.out, progress=not args.quiet)
-        return 0
-    if args.format != "gguf":
-        raise QaloraError(f"export format {args.format!r} is unknown; use one of: gguf, torchao, mlx")
-    from qalora.export.gguf import export_gguf
-
-    export_gguf(args.model, args.out, fallback=args.fallback, progress=not args.quiet)
-    return 0
-
-
 def cmd_eval(args) -> int:
     from qalora.api import evaluate
     from qalora.eval.options import EvalOptions
@@ -277,20 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--quiet", action="store_true")
     m.set_defaults(func=cmd_merge)
 
-    x = sub.add_parser("export", help="write a qalora checkpoint in a runtime's format (gguf for llama.cpp, "
-                                      "torchao for transformers)")
-    x.add_argument("--model", required=True, help="qalora checkpoint (quantized or merged)")
-    x.add_argument("--format", choices=["gguf", "torchao", "mlx"], default="gguf",
-                   help="gguf: one llama.cpp file; torchao: a folder AutoModelForCausalLM.from_pretrained loads "
-                        "(needs torchao, not qalora); mlx: a folder mlx_lm.load loads (MLX affine layers)")
-    x.add_argument("--out", required=True, help="new output file (gguf) or folder (torchao, mlx)")
-    x.add_argument("--dtype", default=None, help="--format mlx: float16 (default), bfloat16 or float32 for scales, "
-                                                 "biases, embeddings and norms")
-    x.add_argument("--fallback", choices=["f16"], default=None,
-                   help="write layers Q4_1 cannot hold exactly (8-bit, groups not a multiple of 32) as F16, "
-                        "reporting their error; default: refuse")
-    x.add_argument("--quiet", action="store_true")
-    x.set_defaults(func=cmd_export)
+    from qalora.export.command import add_export_parser
+
+    add_export_parser(sub)  # gguf, torchao, mlx, peft, gguf-lora (options checked there)
 
     pl = sub.add_parser("pipeline", help="the whole path: quantize (GPTQ) -> train QA-LoRA -> exact merge -> verify "
                                          "-> GGUF export -> one table; rerun to resume")

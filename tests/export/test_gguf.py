@@ -112,7 +112,7 @@ def test_rotary_row_order_is_llama_cpp_permute():
 def test_pre_tokenizer_table():
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
     digits = {"type": "Digits", "individual_digits": True}
-    assert choose_pre_tokenizer({"pre_tokenizer": byte_level}) == "gpt2"
+    assert choose_pre_tokenizer({"pre_tokenizer": byte_level}) == "gpt-2"
     assert choose_pre_tokenizer({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [digits, byte_level]}}) == "smollm"
     assert choose_pre_tokenizer({"pre_tokenizer": byte_level}, ("/models/SmolLM2-135M-Instruct",)) == "smollm"
     assert choose_pre_tokenizer({"pre_tokenizer": {"type": "Metaspace"}}, ("smollm",)) == "default"
@@ -190,7 +190,7 @@ def test_export_tiny_model(tiny_model, tiny_tok, tmp_path):
               "llama.attention.head_count": 4, "llama.attention.head_count_kv": 2, "llama.rope.freq_base": 10000.0,
               "llama.rope.dimension_count": 16, "llama.vocab_size": 300,
               "general.file_type": int(gguf.LlamaFileType.MOSTLY_Q4_1), "general.quantization_version": 2,
-              "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt2", "tokenizer.ggml.add_bos_token": False,
+              "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2", "tokenizer.ggml.add_bos_token": False,
               "tokenizer.ggml.eos_token_id": 0}
     for key, value in expect.items():
         assert fields[key] == value, key

@@ -1,16 +1,19 @@
-"""Export a qalora checkpoint to a GGUF file llama.cpp (and ollama) run: architecture ``llama``,
+"""Export a qalora checkpoint to a GGUF file llama.cpp (and ollama) run: Llama, Mistral (as
+architecture ``llama``), Qwen2 and Qwen3 (``qwen2``, ``qwen3``; the table is ``gguf_arch``),
 quantized projections as ``Q4_1``.
 
     export_gguf("ckpt", "model.gguf")          # -> report dict
+    export_float_gguf("hf-folder", "f32.gguf") # the unquantized model, F32: llama.cpp's own floor
 
 What is written:
-- metadata: ``general.*``, ``llama.*`` hyper-parameters (context, widths, heads, RMS eps, RoPE
-  base and dimension), file type ``MOSTLY_Q4_1``, quantization version 2;
+- metadata: ``general.*``, ``{arch}.*`` hyper-parameters (context, widths, heads, RMS eps, RoPE
+  base, head_dim when it is not hidden/heads), file type ``MOSTLY_Q4_1``, quantization version 2;
 - the tokenizer (GPT-2 style byte-level BPE ``tokenizer.json`` only): tokens, token types,
   merges, special token ids, chat template;
 - tensors with llama.cpp names: every ``QuantLinear`` as Q4_1 (``d = scale``, ``m = offset``,
-  exact up to fp16 rounding of d and m, see ``gguf_blocks``); Q and K rows reordered to
-  llama.cpp's rotary layout; norms and biases F32; embeddings (and an untied, unquantized
+  exact up to fp16 rounding of d and m, see ``gguf_blocks``); for ``llama`` the Q and K rows
+  (and biases) reordered to llama.cpp's rotary layout, Qwen's left in HF order; norms (Qwen3's
+  per-head q/k norms too) and biases F32; embeddings (and an untied, unquantized
   ``lm_head``) F16 or F32; ``output.weight`` only when the checkpoint holds an ``lm_head``
   (tied embeddings write none).
 
@@ -37,16 +40,26 @@ from tqdm.auto import tqdm
 
 from qalora.checkpoint import check_weights, read_meta
 from qalora.errors import QaloraError
-from qalora.export.gguf_blocks import (Q4_1_BLOCK, Q4_1_BYTES, max_abs_diff, q4_1_blocks, q4_1_unsupported,
-                                       q4_1_weights, rotary_row_order, to_f16)
+from qalora.export import gguf_arch
+from qalora.export.gguf_arch import GGUFArch, add_metadata, arch_for, check_tensors
+from qalora.export.gguf_blocks import (
+    Q4_1_BLOCK,
+    Q4_1_BYTES,
+    max_abs_diff,
+    q4_1_blocks,
+    q4_1_unsupported,
+    q4_1_weights,
+    rotary_row_order,
+    to_f16,
+)
 from qalora.io import check_new_output, read_json
 from qalora.quant.qparams import dequantize
 from qalora.quant.weight import QuantizedWeight
 
 FALLBACKS = ("f16",)
 FLOAT_TYPES = ("f16", "f32")
-ROPE_TYPES = ("default", "linear")
 _GGML = gguf.GGMLQuantizationType
+add_llama_metadata = gguf_arch.add_llama_metadata  # moved to gguf_arch; callers import it from here too
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -65,15 +78,28 @@ def _is_byte_level(step: dict) -> bool:
     return step.get("type") == "ByteLevel" and step.get("use_regex", True) and not step.get("add_prefix_space", False)
 
 
+# Qwen2/Qwen2.5/Qwen3's tokenizer.json split regex (llama.cpp's "qwen2" pre-tokenizer): digits one by one.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _is_qwen2_split(step: dict) -> bool:
+    return step.get("type") == "Split" and (step.get("pattern") or {}).get("Regex") == QWEN2_SPLIT \
+        and step.get("behavior") == "Isolated" and not step.get("invert")
+
+
 # Ordered, first match wins: (llama.cpp pre-tokenizer name, test on (pre-tokenizer steps, name hints)).
 PRE_TOKENIZER_RULES = (
     ("smollm", lambda steps, hints: len(steps) == 2 and steps[0].get("type") == "Digits"
      and steps[0].get("individual_digits") and _is_byte_level(steps[1])),
     # Folders rebuilt from SmolLM2's own GGUF (transformers' GGUF loader) lose the Digits step;
-    # SmolLM2's vocabulary has no token mixing a digit with anything, so "smollm" and "gpt2" agree.
+    # SmolLM2's vocabulary has no token mixing a digit with anything, so "smollm" and "gpt-2" agree.
     ("smollm", lambda steps, hints: len(steps) == 1 and _is_byte_level(steps[0])
      and any("smollm" in h.lower() for h in hints)),
-    ("gpt2", lambda steps, hints: len(steps) == 1 and _is_byte_level(steps[0])),
+    ("gpt-2", lambda steps, hints: len(steps) == 1 and _is_byte_level(steps[0])),
+    # Qwen's: the split regex, then ByteLevel without its own regex.
+    ("qwen2", lambda steps, hints: len(steps) == 2 and _is_qwen2_split(steps[0]) and steps[1].get("type") == "ByteLevel"
+     and steps[1].get("use_regex") is False and not steps[1].get("add_prefix_space", False)),
 )
 
 
@@ -131,62 +157,6 @@ def add_tokenizer(writer: gguf.GGUFWriter, folder: str | os.PathLike, vocab_size
             "special_ids": dict(special.special_token_ids), "chat_template": special.chat_template is not None}
 
 
-# --------------------------------------------------------------------------- metadata
-
-def _rope(config) -> tuple[float, str, float | None]:
-    """``(rope_theta, rope_type, linear factor)`` from transformers 5's ``config.rope_parameters``
-    (``{"rope_theta": …, "rope_type": …}``) or an older top-level ``config.rope_theta``."""
-    params = dict(getattr(config, "rope_parameters", None) or {})
-    if any(isinstance(v, dict) for v in params.values()):
-        raise QaloraError(f"per-layer-type RoPE parameters {params!r} are not supported by the GGUF exporter")
-    theta = params.get("rope_theta", getattr(config, "rope_theta", None) or 10000.0)
-    rope_type = params.get("rope_type", "default")
-    if rope_type not in ROPE_TYPES:
-        raise QaloraError(f"RoPE type {rope_type!r} is not supported by the GGUF exporter; it writes {', '.join(ROPE_TYPES)}")
-    factor = params.get("factor")
-    if rope_type == "linear" and not factor:
-        raise QaloraError(f"linear RoPE scaling without a factor in {params!r}")
-    return float(theta), rope_type, factor
-
-
-def add_llama_metadata(writer: gguf.GGUFWriter, config, name: str) -> dict:
-    """``general.*`` and ``llama.*`` keys for a transformers ``LlamaConfig``; returns them."""
-    if config.model_type != "llama":
-        raise QaloraError(f"GGUF export writes llama-architecture models; this checkpoint is {config.model_type!r}")
-    if getattr(config, "hidden_act", "silu") != "silu":
-        raise QaloraError(f"hidden_act {config.hidden_act!r} is not supported by llama.cpp's llama architecture (silu)")
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    theta, rope_type, factor = _rope(config)
-    meta = {"name": name, "context_length": config.max_position_embeddings, "embedding_length": config.hidden_size,
-            "block_count": config.num_hidden_layers, "feed_forward_length": config.intermediate_size,
-            "head_count": heads, "head_count_kv": kv_heads, "layer_norm_rms_epsilon": float(config.rms_norm_eps),
-            "rope_freq_base": theta, "rope_dimension_count": head_dim, "vocab_size": config.vocab_size}
-    writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(name)
-    writer.add_context_length(meta["context_length"])
-    writer.add_embedding_length(meta["embedding_length"])
-    writer.add_block_count(meta["block_count"])
-    writer.add_feed_forward_length(meta["feed_forward_length"])
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(kv_heads)
-    writer.add_layer_norm_rms_eps(meta["layer_norm_rms_epsilon"])
-    writer.add_rope_freq_base(theta)
-    writer.add_rope_dimension_count(head_dim)
-    if head_dim * heads != config.hidden_size:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-    if rope_type == "linear":
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(factor))
-        meta["rope_scaling_factor"] = float(factor)
-    writer.add_vocab_size(config.vocab_size)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1)
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    return meta
-
-
 # --------------------------------------------------------------------------- tensors
 
 @dataclass
@@ -216,24 +186,22 @@ def _order(p: _Planned) -> tuple:
     return (int(m.group(1)) + 1 if m else (0 if p.name.startswith("token_embd") else 10**9), p.name)
 
 
-def plan_tensors(shapes: dict[str, tuple[int, ...]], layers: dict[str, dict], config, fallback: str | None) -> list[_Planned]:
-    """Map every checkpoint tensor to a GGUF tensor; refuse unknown tensors and, without a
-    fallback, quantized layers Q4_1 cannot hold."""
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
-    heads = {"attn_q": config.num_attention_heads,
-             "attn_k": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
+def plan_tensors(shapes: dict[str, tuple[int, ...]], layers: dict[str, dict], config, fallback: str | None,
+                 arch: GGUFArch | None = None) -> list[_Planned]:
+    """Map every checkpoint tensor to a GGUF tensor of ``arch`` (default: ``arch_for(config)``);
+    refuse tensors llama.cpp would not read, missing ones it needs and, without a fallback,
+    quantized layers Q4_1 cannot hold."""
+    arch = arch or arch_for(config)
+    names = gguf.get_tensor_name_map(arch.arch, config.num_hidden_layers)
     left = set(shapes)
     plan = []
 
     def gguf_name(source: str, suffixes=(".weight", ".bias")) -> str:
         name = names.get_name(source, try_suffixes=suffixes)
         if name is None:
-            raise QaloraError(f"checkpoint tensor {source!r} has no llama.cpp counterpart; the GGUF exporter "
-                              "writes Llama models (embeddings, attention, MLP, norms, lm_head)")
+            raise QaloraError(f"checkpoint tensor {source!r} has no counterpart in llama.cpp's {arch.name} "
+                              f"architecture ({arch.model_type}: embeddings, attention, MLP, norms, lm_head)")
         return name
-
-    def rotary(name: str) -> int | None:
-        return heads.get(name.split(".")[-2]) if name.startswith("blk.") else None
 
     for module, spec in layers.items():
         if spec.get("kind", "affine") != "affine":
@@ -250,14 +218,16 @@ def plan_tensors(shapes: dict[str, tuple[int, ...]], layers: dict[str, dict], co
                               f"GGUF Q4_1: {why}; export with fallback='f16' to write it dequantized as F16 "
                               "(its error is recorded in the report)")
         plan.append(_Planned(name, module, "q4_1" if why is None else "fallback",
-                             (spec["out_features"], spec["in_features"]), rotary(name), spec, why))
+                             (spec["out_features"], spec["in_features"]), arch.rotary_heads(name, config), spec, why))
     for key in sorted(left):
         name = gguf_name(key)
         shape = tuple(shapes[key])
-        plan.append(_Planned(name, key, "float" if len(shape) == 2 else "f32", shape, rotary(name)))
+        plan.append(_Planned(name, key, "float" if len(shape) == 2 else "f32", shape, arch.rotary_heads(name, config)))
     if not any(p.name == "output.weight" for p in plan) and not getattr(config, "tie_word_embeddings", False):
         raise QaloraError("the checkpoint has no lm_head but its config does not tie it to the embeddings")
-    return sorted(plan, key=_order)
+    plan.sort(key=_order)
+    check_tensors({p.name: p.source for p in plan}, arch, config.num_hidden_layers)
+    return plan
 
 
 def convert_tensor(p: _Planned, get, float_type: str) -> tuple[np.ndarray, float]:
@@ -293,45 +263,22 @@ def _hints(model_dir: Path, meta: dict) -> tuple[str, ...]:
     return tuple(str(h) for h in found if h)
 
 
-def export_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, *, fallback: str | None = None,
-                float_type: str = "f16", name: str | None = None, pre_tokenizer: str | None = None,
-                progress: bool = True) -> dict:
-    """Write the qalora checkpoint ``model_dir`` as a llama.cpp GGUF file ``out_path`` (new).
-
-    Args:
-        fallback: ``None`` refuses quantized layers Q4_1 cannot hold; ``"f16"`` writes them
-            dequantized as F16 (error recorded in the report).
-        float_type: ``"f16"`` or ``"f32"`` for unquantized matrices (embeddings, untied lm_head).
-        name: ``general.name`` (default: the checkpoint folder's name).
-        pre_tokenizer: llama.cpp pre-tokenizer (default: ``choose_pre_tokenizer``).
-    Returns:
-        the report: path, file bytes, tensor count per GGML type, per tensor its type, source and
-        max abs error vs qalora's fp32 weight, fallback tensors, tokenizer and metadata written.
-    """
+def _write(writer: gguf.GGUFWriter, weights: Path, out: Path, config, arch: GGUFArch, layers: dict[str, dict], *,
+           fallback: str | None, float_type: str, tokenizer: tuple,
+           progress: bool) -> tuple[list[_Planned], dict, dict]:
+    """Plan the tensors of the safetensors file ``weights``, add the tokenizer (``add_tokenizer``'s
+    arguments after the writer), then write header, metadata, tensor infos and each tensor as it
+    is converted, into a temporary file beside ``out`` renamed to ``out`` only when complete.
+    Returns ``(plan, tokenizer report, {gguf name: type, source, max abs error})``."""
     from safetensors import safe_open
-    from transformers import AutoConfig
 
-    start = time.perf_counter()
-    if fallback not in (None, *FALLBACKS):
-        raise QaloraError(f"fallback {fallback!r} is unknown; use None (refuse) or one of {', '.join(FALLBACKS)}")
-    if float_type not in FLOAT_TYPES:
-        raise QaloraError(f"float_type {float_type!r} is unknown; use one of {', '.join(FLOAT_TYPES)}")
-    out = check_new_output(out_path)
-    model_dir = Path(model_dir).expanduser()
-    meta = read_meta(model_dir)
-    weights = check_weights(model_dir, meta)  # the recorded SHA-256, always
-    config = AutoConfig.from_pretrained(model_dir)
-    name = name or model_dir.resolve().name
-
-    writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-    metadata = add_llama_metadata(writer, config, name)
     with safe_open(str(weights), framework="pt") as f:
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        plan = plan_tensors(shapes, meta["layers"], config, fallback)
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in list(f.keys())}
+        plan = plan_tensors(shapes, layers, config, fallback, arch)
         embd = next(p for p in plan if p.name == "token_embd.weight")
         if embd.shape[0] != config.vocab_size:
             raise QaloraError(f"embedding has {embd.shape[0]} rows but config.vocab_size is {config.vocab_size}")
-        tok = add_tokenizer(writer, model_dir, config.vocab_size, pre_tokenizer, _hints(model_dir, meta))
+        tok = add_tokenizer(writer, *tokenizer)
         for p in plan:
             shape, dtype, nbytes, ggml = p.info(float_type)
             writer.add_tensor_info(p.name, shape, dtype, nbytes, raw_dtype=ggml if ggml == _GGML.Q4_1 else None)
@@ -355,27 +302,98 @@ def export_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, *, fa
             writer.close()
             if not ok and os.path.exists(tmp):
                 os.unlink(tmp)
+    return plan, tok, tensors
 
+
+def _report(out: Path, plan: list[_Planned], tok: dict, tensors: dict, metadata: dict, start: float) -> dict:
     types: dict[str, int] = {}
     for t in tensors.values():
         types[t["type"]] = types.get(t["type"], 0) + 1
-    report = {"path": str(out), "file_bytes": out.stat().st_size, "tensor_types": types,
-              "max_abs_error": max((t["max_abs_error"] for t in tensors.values()), default=0.0),
-              "fallback": {p.name: {"source": p.source, "reason": p.reason, "max_abs_error": tensors[p.name]["max_abs_error"]}
-                           for p in plan if p.kind == "fallback"},
-              "tensors": tensors, "tokenizer": tok, "metadata": metadata,
-              "seconds": round(time.perf_counter() - start, 2)}
+    return {"path": str(out), "file_bytes": out.stat().st_size, "tensor_types": types,
+            "max_abs_error": max((t["max_abs_error"] for t in tensors.values()), default=0.0),
+            "fallback": {p.name: {"source": p.source, "reason": p.reason, "max_abs_error": tensors[p.name]["max_abs_error"]}
+                         for p in plan if p.kind == "fallback"},
+            "tensors": tensors, "tokenizer": tok, "metadata": metadata, "seconds": round(time.perf_counter() - start, 2)}
+
+
+def _check_options(fallback: str | None, float_type: str) -> None:
+    if fallback not in (None, *FALLBACKS):
+        raise QaloraError(f"fallback {fallback!r} is unknown; use None (refuse) or one of {', '.join(FALLBACKS)}")
+    if float_type not in FLOAT_TYPES:
+        raise QaloraError(f"float_type {float_type!r} is unknown; use one of {', '.join(FLOAT_TYPES)}")
+
+
+def export_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, *, fallback: str | None = None,
+                float_type: str = "f16", name: str | None = None, pre_tokenizer: str | None = None,
+                progress: bool = True) -> dict:
+    """Write the qalora checkpoint ``model_dir`` as a llama.cpp GGUF file ``out_path`` (new).
+
+    Args:
+        fallback: ``None`` refuses quantized layers Q4_1 cannot hold; ``"f16"`` writes them
+            dequantized as F16 (error recorded in the report).
+        float_type: ``"f16"`` or ``"f32"`` for unquantized matrices (embeddings, untied lm_head).
+        name: ``general.name`` (default: the checkpoint folder's name).
+        pre_tokenizer: llama.cpp pre-tokenizer (default: ``choose_pre_tokenizer``).
+    Returns:
+        the report: path, file bytes, tensor count per GGML type, per tensor its type, source and
+        max abs error vs qalora's fp32 weight, fallback tensors, tokenizer and metadata written.
+    Raises:
+        QaloraError: before anything is written, for a model type, feature or tensor llama.cpp
+            would not run as transformers does (``gguf_arch``), or a layer Q4_1 cannot hold.
+    """
+    from transformers import AutoConfig
+
+    start = time.perf_counter()
+    _check_options(fallback, float_type)
+    out = check_new_output(out_path)
+    model_dir = Path(model_dir).expanduser()
+    meta = read_meta(model_dir)
+    weights = check_weights(model_dir, meta)  # the recorded SHA-256, always
+    config = AutoConfig.from_pretrained(model_dir)
+    arch = arch_for(config)
+    writer = gguf.GGUFWriter(path=None, arch=arch.name)
+    metadata = add_metadata(writer, config, name or model_dir.resolve().name, arch)
+    plan, tok, tensors = _write(writer, weights, out, config, arch, meta["layers"], fallback=fallback,
+                                float_type=float_type, progress=progress,
+                                tokenizer=(model_dir, config.vocab_size, pre_tokenizer, _hints(model_dir, meta)))
+    report = _report(out, plan, tok, tensors, metadata, start)
     if progress:
         print(format_report(report), flush=True)
     return report
+
+
+def export_float_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, *, float_type: str = "f32",
+                      name: str | None = None, pre_tokenizer: str | None = None, progress: bool = False) -> dict:
+    """Write an unquantized Hugging Face folder (one ``model.safetensors``, config, tokenizer) as
+    an F32 (or F16) GGUF with ``export_gguf``'s names, row order, metadata and tokenizer; returns
+    its report. llama.cpp on it vs transformers on the folder measures llama.cpp's own arithmetic
+    (kernels, F16 KV cache) on the very weights: the floor for a quantized export's figures."""
+    from transformers import AutoConfig
+
+    start = time.perf_counter()
+    _check_options(None, float_type)
+    out = check_new_output(out_path)
+    model_dir = Path(model_dir).expanduser()
+    weights = model_dir / "model.safetensors"
+    if not weights.is_file():
+        raise QaloraError(f"{str(weights)!r} is missing; export_float_gguf reads one unsharded model.safetensors")
+    config = AutoConfig.from_pretrained(model_dir)
+    arch = arch_for(config)
+    writer = gguf.GGUFWriter(path=None, arch=arch.name)
+    file_type = gguf.LlamaFileType.ALL_F32 if float_type == "f32" else gguf.LlamaFileType.MOSTLY_F16
+    metadata = add_metadata(writer, config, name or model_dir.resolve().name, arch, file_type=file_type)
+    tokenizer = (model_dir, config.vocab_size, pre_tokenizer, (model_dir.name,))
+    plan, tok, tensors = _write(writer, weights, out, config, arch, {}, fallback=None, float_type=float_type,
+                                progress=progress, tokenizer=tokenizer)
+    return _report(out, plan, tok, tensors, metadata, start)
 
 
 def format_report(report: dict) -> str:
     """A few human-readable lines summarising an ``export_gguf`` report."""
     types = ", ".join(f"{n} {t}" for t, n in sorted(report["tensor_types"].items()))
     lines = [f"wrote {report['path']} ({report['file_bytes'] / 2**20:.1f} MiB): {types}",
-             f"tokenizer: {report['tokenizer']['model']}/{report['tokenizer']['pre']}, "
-             f"{report['tokenizer']['tokens']} tokens, {report['tokenizer']['merges']} merges",
+             (f"tokenizer: {report['tokenizer']['model']}/{report['tokenizer']['pre']}, "
+              f"{report['tokenizer']['tokens']} tokens, {report['tokenizer']['merges']} merges"),
              f"max abs error vs qalora's fp32 weights: {report['max_abs_error']:.3g} (fp16 rounding of d, m, floats)"]
     for n, fb in report["fallback"].items():
         lines.append(f"fallback F16: {n} ({fb['source']}): {fb['reason']}; max abs error {fb['max_abs_error']:.3g}")

@@ -1,36 +1,36 @@
-"""Export a qalora checkpoint as a transformers-native torchao folder that
-``AutoModelForCausalLM.from_pretrained(out)`` loads on CPU without qalora (transformers + torchao).
+"""Export a qalora checkpoint as a transformers + torchao folder that
+``AutoModelForCausalLM.from_pretrained(out)`` loads on CPU without qalora.
 
-    export_torchao("ckpt", "ckpt-torchao")        # -> report dict
+    export_torchao("ckpt", "ckpt-torchao")                       # -> report dict; layout="unpacked"
+    export_torchao("ckpt", "ckpt-packed", layout="packed")       # b <= 4: two codes per byte
 
-Each quantized linear becomes an ``IntxUnpackedToInt8Tensor`` (torchao's
-``IntxWeightOnlyConfig(weight_dtype=torch.int{b}, granularity=PerGroup(L),
-mapping_type=MappingType.ASYMMETRIC)``) built from the checkpoint's own codes, scales and
-float offsets, never re-quantized from a dense weight. The conventions, per (row o, group g)::
+Each quantized linear becomes a torchao tensor built from the checkpoint's own codes, scales and
+float offsets, never re-quantized from a dense weight (the two layouts, their conventions and why
+no other torchao 0.18 type serves on CPU: ``torchao_layouts``). Per (row o, group g), unpacked::
 
     qalora:   w = q * scale + offset                    q in [0, 2^b - 1]
-    torchao:  w = (qdata - zero_point) * scale          qdata in [-2^(b-1), 2^(b-1) - 1]
-    =>        qdata = q - 2^(b-1)                        (exact, int8)
-              zero_point = -2^(b-1) - offset / scale     (a float; computed in fp64, stored fp32)
+    torchao:  w = (qdata - zero_point) * scale          qdata = q - 2^(b-1), zero_point = -2^(b-1) - offset / scale
+    packed:   w = (q - 8) * scale + zero                zero = offset + 8 * scale (tinygemm)
 
-torchao dequantizes in the tensor's dtype: ``(qdata.to(dtype) - zero_point.to(dtype)) * scale``.
-The export is fp32 throughout (scale, zero point, dequantize arithmetic and the unquantized
-tensors), so the only differences from qalora's fp32 ``q * scale + offset`` are fp32 roundings:
-``|Δw| ≲ 2^-22 · (|offset| + 2^b · scale)`` per group. A bf16 ``scale`` / ``zero_point`` would
-not do: ``zero_point`` is of order ``2^(b-1) + |offset| / scale`` and bf16 keeps 8 significant
-bits, i.e. up to half a code step of error. (Loading the folder with ``dtype=torch.bfloat16``
-casts them to bf16 all the same: load it in fp32, the folder's own ``dtype``.)
+The export is fp32 throughout (scale, zero point, the arithmetic and the unquantized tensors), so
+the only differences from qalora's fp32 ``q * scale + offset`` are fp32 roundings:
+``|Δw| ≲ 2^-22 · (|offset| + 2^b · scale)`` per group (``2^4`` for packed, whose ``|q - 8| <= 8``).
+A bf16 ``scale`` / zero would not do: the zero is of order ``|offset| / scale`` code steps and bf16
+keeps 8 significant bits, i.e. up to half a code step of error (load the folder in fp32, its own ``dtype``).
 
-A group with ``scale == 0`` (or an ``offset / scale`` beyond fp32's range) dequantizes to its
-offset whatever its codes; qalora's quantizers never write one (a constant group gets scale 1).
-Such a group is written as codes 0, scale 1, ``zero_point = -2^(b-1) - offset``: the same weights.
+``unpacked`` (``IntxUnpackedToInt8Tensor``, safetensors, any width, the default) loads with a plain
+``from_pretrained`` on any CPU and dequantizes every call. ``packed`` (``Int4OpaqueTensor``, torch
+pickle ``pytorch_model.bin``, b in 2/3/4) halves the codes' bytes and runs torch's CPU int4 kernel
+(fp32: its scalar path), but it loads only after ``import torchao.prototype.quantization.int4`` and its
+bytes are laid out for one ATen CPU capability (``cpu_capability``, default this machine's): on a
+machine that dispatches to another (AVX512 vs AVX2 vs DEFAULT) the logits are wrong, silently.
 
-Written into the new folder ``out`` (a temporary sibling renamed into place when complete):
-``config.json`` (with ``quantization_config``, ``dtype: float32``), ``model.safetensors``
-(torchao's flattened tensors: ``<layer>._weight_qdata`` int8 one code per byte,
-``._weight_scale``, ``._weight_zero_point`` fp32), ``generation_config.json``, the tokenizer files,
-and ``export_info.json`` (source hash, bits, group size, the weight error measured here).
-Memory: the model itself (int8 codes) plus one layer's unpacked codes at a time.
+A group with ``scale == 0`` dequantizes to its offset whatever its codes (qalora's quantizers never
+write one); both layouts keep that. Written into the new folder ``out`` (a temporary sibling renamed
+into place when complete): ``config.json`` (``quantization_config``, ``dtype: float32`` and a
+``qalora_torchao`` record of the layout), the weights file, ``generation_config.json``, the tokenizer
+files, and ``export_info.json`` (source hash, bits, group size, layout, the weight error measured here).
+Memory: the model itself plus one layer's unpacked codes at a time.
 """
 
 from __future__ import annotations
@@ -47,10 +47,22 @@ from tqdm.auto import tqdm
 
 from qalora.checkpoint import check_weights, read_meta, weights_sha256
 from qalora.errors import QaloraError
-from qalora.quiet import quiet_imports
+from qalora.export.torchao_layouts import (  # noqa: F401  (torchao_qparams, torchao_weight re-exported)
+    DEFAULT_LAYOUT,
+    PACKED_LOAD,
+    Layout,
+    _check_capability,
+    get_layout,
+    packed_refusal,
+    torchao_qparams,
+    torchao_weight,
+)
+from qalora.export.torchao_layouts import _torchao_quantization as _torchao
+from qalora.export.torchao_layouts import cpu_capability as machine_capability
 from qalora.io import atomic_dir, check_new_output, write_json
 from qalora.quant.qparams import dequantize
 from qalora.quant.weight import QuantizedWeight
+from qalora.quiet import import_transformers
 
 INFO_FILE = "export_info.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -58,62 +70,18 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 ERROR_CHUNK = 1 << 20  # weights per chunk when measuring a layer's error (4 MiB of fp32 per side)
 
 
-def _torchao():
-    """torchao's quantization namespace, imported on first use (an optional dependency)."""
-    try:
-        with quiet_imports():
-            import torchao.quantization as tq
-    except ImportError:
-        raise QaloraError("the torchao export needs torchao; install it with: pip install 'qalora[export]'") from None
-    return tq
-
-
 # --------------------------------------------------------------------------- tensors
 
-def torchao_qparams(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
-                    bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Our ``(codes, scale, offset)`` in torchao's convention ``w = (qdata - zero_point) * scale``.
-
-    Args:
-        codes: integer ``[out, in]`` in ``0 … 2^b - 1``.
-        scale, offset: ``[out, in / L]``.
-    Returns:
-        ``qdata`` int8 ``[out, in]`` = ``codes - 2^(b-1)``; ``scale`` fp32 ``[out, in / L]``;
-        ``zero_point`` fp32 ``[out, in / L]`` = ``-2^(b-1) - offset / scale`` (fp64, rounded
-        once). Degenerate groups (scale 0, or ``offset / scale`` not finite in fp32) become codes
-        0, scale 1, ``zero_point = -2^(b-1) - offset``: every weight equals ``offset``, as before.
-    """
-    half = 2 ** (bits - 1)
-    s64, o64 = scale.double(), offset.double()
-    zero = (-half - o64 / s64).float()
-    bad = (scale == 0) | ~torch.isfinite(zero)
-    qdata = codes.to(torch.int16) - half
-    if bool(bad.any()):
-        zero = torch.where(bad, (-half - o64).float(), zero)
-        s64 = torch.where(bad, torch.ones_like(s64), s64)
-        group = codes.shape[1] // scale.shape[1]
-        qdata = torch.where(bad.repeat_interleave(group, dim=1), torch.full_like(qdata, -half), qdata)
-    return qdata.to(torch.int8), s64.float(), zero
-
-
-def torchao_weight(qw: QuantizedWeight):
-    """An ``IntxUnpackedToInt8Tensor`` ``[out, in]`` (fp32, block ``(1, L)``) holding ``qw``'s
-    codes, scales and float offsets."""
-    tq = _torchao()
-    qdata, scale, zero = torchao_qparams(qw.codes(), qw.scale, qw.offset, qw.bits)
-    return tq.IntxUnpackedToInt8Tensor(qdata, scale, zero, getattr(torch, f"int{qw.bits}"), (1, qw.group_size),
-                                       torch.float32, None)
-
-
-def weight_error(tensor, qw: QuantizedWeight) -> tuple[float, float]:
+def weight_error(read_rows, qw: QuantizedWeight) -> tuple[float, float]:
     """``(max |w_torchao - w_qalora|, max |w_qalora|)`` over the layer, both dequantized in fp32
-    (torchao's own ``dequantize``), a few rows at a time so no dense copy of the layer is held."""
+    (``read_rows(r0, r1)``: torchao's rows, see ``Layout.reader``), a few rows at a time so no dense
+    copy of the layer is held."""
     rows = max(1, ERROR_CHUNK // qw.in_features)
     codes = qw.codes()
     err = peak = 0.0
     for r in range(0, qw.out_features, rows):
         ours = dequantize(codes[r:r + rows], qw.scale[r:r + rows], qw.offset[r:r + rows], qw.group_size)
-        theirs = tensor[r:r + rows].dequantize()
+        theirs = read_rows(r, r + rows)
         err = max(err, float((theirs - ours).abs().max()))
         peak = max(peak, float(ours.abs().max()))
     return err, peak
@@ -131,7 +99,7 @@ def _check_layers(layers: dict[str, dict]) -> tuple[int, int]:
                           f"{', '.join(sorted(kinds))}")
     pairs = sorted({(spec["bits"], spec["group_size"]) for spec in layers.values()})
     if len(pairs) != 1:
-        raise QaloraError(f"the torchao export writes one IntxWeightOnlyConfig; this checkpoint mixes "
+        raise QaloraError(f"the torchao export writes one torchao config; this checkpoint mixes "
                           f"(bits, group_size) {pairs}")
     return pairs[0]
 
@@ -156,9 +124,10 @@ def _set_tensor(model, name: str, tensor: torch.Tensor) -> None:
         raise QaloraError(f"checkpoint tensor {name!r} has no place in a {model.config.model_type} model")
 
 
-def build_model(reader, layers: dict[str, dict], config, progress: bool = True):
-    """The transformers model with torchao weights, read tensor by tensor from ``reader``
-    (a ``safe_open`` handle on the checkpoint's weights).
+def build_model(reader, layers: dict[str, dict], config, progress: bool = True, layout: str = DEFAULT_LAYOUT,
+                capability: str | None = None):
+    """The transformers model with torchao weights in ``layout`` (``capability``: the packed layout's
+    CPU), read tensor by tensor from ``reader`` (a ``safe_open`` handle on the checkpoint's weights).
 
     Returns ``(model, errors)``: ``errors[layer] = {"max_abs_error", "max_abs_weight"}``.
     """
@@ -168,7 +137,7 @@ def build_model(reader, layers: dict[str, dict], config, progress: bool = True):
         config.tie_word_embeddings = False  # a quantized lm_head has its own weights (qalora does not tie it)
         model = _skeleton(config)
     keys = set(reader.keys())
-    errors = {}
+    errors, lay = {}, get_layout(layout)
     for name, spec in tqdm(layers.items(), desc="torchao", disable=not progress):
         parts = [f"{name}.{p}" for p in ("qweight", "scale", "offset")]
         if missing := [p for p in parts if p not in keys]:
@@ -183,9 +152,11 @@ def build_model(reader, layers: dict[str, dict], config, progress: bool = True):
         qw = QuantizedWeight(*(reader.get_tensor(p) for p in parts), spec["bits"], spec["group_size"], spec["in_features"])
         if not (torch.isfinite(qw.scale).all() and torch.isfinite(qw.offset).all()):
             raise QaloraError(f"layer {name!r} has inf or NaN scales or offsets")
-        tensor = torchao_weight(qw)
+        if lay.name == "packed" and (why := packed_refusal(qw.bits, qw.group_size, qw.out_features)):
+            raise QaloraError(f"layer {name!r}: {why}")
+        tensor = lay.build(qw, capability)
         module.weight = torch.nn.Parameter(tensor, requires_grad=False)
-        err, peak = weight_error(tensor, qw)
+        err, peak = weight_error(lay.reader(tensor, qw, capability), qw)
         errors[name] = {"max_abs_error": err, "max_abs_weight": peak}
     for key in sorted(keys):
         t = reader.get_tensor(key)
@@ -196,14 +167,21 @@ def build_model(reader, layers: dict[str, dict], config, progress: bool = True):
     return model.eval(), errors
 
 
-def torchao_config(model, layers: dict[str, dict], bits: int, group_size: int):
+def torchao_config(model, layers: dict[str, dict], bits: int, group_size: int, layout: str = DEFAULT_LAYOUT):
     """transformers' ``TorchAoConfig`` describing the quantized layers; dense ``nn.Linear``
-    layers (e.g. an unquantized ``lm_head``) are listed in ``modules_to_not_convert``."""
+    layers (e.g. an unquantized ``lm_head``) are listed in ``modules_to_not_convert``.
+
+    packed: ``Int4WeightOnlyConfig(group_size=L)`` is a label (transformers needs a config it can find;
+    torchao's own ``PrototypeInt4WeightOnlyConfig`` is not found by ``config_from_dict`` in 0.18): a
+    pre-quantized pickle is loaded as pickled, nothing is quantized again."""
     from transformers import TorchAoConfig
 
     tq = _torchao()
-    weight = tq.IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{bits}"), granularity=tq.PerGroup(group_size),
-                                     mapping_type=tq.MappingType.ASYMMETRIC)
+    if layout == "packed":
+        weight = tq.Int4WeightOnlyConfig(group_size=group_size)
+    else:
+        weight = tq.IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{bits}"), granularity=tq.PerGroup(group_size),
+                                         mapping_type=tq.MappingType.ASYMMETRIC)
     dense = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in layers]
     return TorchAoConfig(weight, modules_to_not_convert=dense)
 
@@ -232,51 +210,101 @@ def _copy_side_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def export_torchao(model_dir: str | os.PathLike, out: str | os.PathLike, *, progress: bool = True) -> dict:
+def _save_pickled(model, folder: Path) -> None:
+    """What ``save_pretrained`` writes, with the weights as one torch pickle (``pytorch_model.bin``):
+    safetensors refuses ``Int4OpaqueTensor``. Tied tensors are stored once, as transformers does."""
+    model.config.dtype = "float32"
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(folder)
+    if model.can_generate():
+        model.generation_config.save_pretrained(folder)
+    state, seen = {}, set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) not in seen:
+            seen.add(id(t))
+            state[name] = t.detach()
+    torch.save(state, folder / get_layout("packed").weights_file)
+
+
+def _layout_record(lay: Layout, bits: int, group_size: int, capability: str | None) -> dict:
+    """The layout, as ``config.json``'s ``qalora_torchao`` and the report record it."""
+    record = {"layout": lay.name, "tensor": lay.tensor, "convention": lay.convention, "bits": bits,
+              "group_size": group_size, "weights_file": lay.weights_file}
+    if lay.name == "packed":
+        record |= {"cpu_capability": capability, "stored_bits": 4,
+                   "load": f"{PACKED_LOAD}; then AutoModelForCausalLM.from_pretrained(path) on a CPU whose "
+                           f"torch.backends.cpu.get_cpu_capability() is {capability!r}"}
+    else:
+        record["load"] = "AutoModelForCausalLM.from_pretrained(path)"
+    return record
+
+
+def export_torchao(model_dir: str | os.PathLike, out: str | os.PathLike, *, layout: str = DEFAULT_LAYOUT,
+                   cpu_capability: str | None = None, progress: bool = True) -> dict:
     """Write the qalora checkpoint ``model_dir`` as a transformers + torchao folder ``out`` (new).
 
     The checkpoint's weights are checked against their recorded SHA-256 first.
 
+    Args:
+        layout: ``"unpacked"`` (one int8 per code, safetensors, any width, any CPU) or ``"packed"``
+            (two codes per byte for b <= 4, torch pickle, one CPU capability; refused with the reason
+            when a layer does not fit: bits 8, group size not 32/64/128/256, out_features % 16).
+        cpu_capability: packed only: ``"AVX2"``, ``"AVX512"`` or ``"DEFAULT"``, the ATen CPU
+            capability of the machine that will load it; default this machine's.
     Returns:
         the report (also written as ``export_info.json``): path, folder bytes, bits, group size,
-        source checkpoint and hash, versions, the max abs weight error vs qalora's fp32 weights
-        (and relative to each layer's max |w|), per layer, and the files copied.
+        layout (and capability), source checkpoint and hash, versions, the max abs weight error vs
+        qalora's fp32 weights (and relative to each layer's max |w|), per layer, and the files copied.
     """
+    start = time.perf_counter()
+    _torchao()  # refuse early when torchao is missing; it and transformers' torchao glue import quietly
+    import_transformers()
     from safetensors import safe_open
     from transformers import AutoConfig, GenerationConfig
     from transformers.quantizers.quantizer_torchao import TorchAoHfQuantizer
 
-    start = time.perf_counter()
+    lay = get_layout(layout)
+    if lay.name != "packed" and cpu_capability is not None:
+        raise QaloraError(f"cpu_capability applies to layout='packed' only, not {layout!r}")
+    capability = (cpu_capability or machine_capability()) if lay.name == "packed" else None
+    if capability is not None:
+        _check_capability(capability)
     out = check_new_output(out)
     model_dir = Path(model_dir).expanduser()
     meta = read_meta(model_dir)
-    _torchao()  # refuse early when torchao is missing
     weights = check_weights(model_dir, meta)
     want = weights_sha256(meta)
     bits, group_size = _check_layers(meta["layers"])
+    if lay.name == "packed" and (why := packed_refusal(bits, group_size)):
+        raise QaloraError(why)
     config = AutoConfig.from_pretrained(model_dir)
 
     with safe_open(str(weights), framework="pt") as reader:
-        model, errors = build_model(reader, meta["layers"], config, progress)
-    qconfig = torchao_config(model, meta["layers"], bits, group_size)
+        model, errors = build_model(reader, meta["layers"], config, progress, lay.name, capability)
+    qconfig = torchao_config(model, meta["layers"], bits, group_size, lay.name)
+    record = _layout_record(lay, bits, group_size, capability)
     model.config.quantization_config = qconfig
-    model.hf_quantizer = TorchAoHfQuantizer(qconfig, pre_quantized=False)
+    model.config.qalora_torchao = record
+    model.hf_quantizer = TorchAoHfQuantizer(qconfig, pre_quantized=False)  # save_pretrained's (unpacked)
     if (model_dir / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(model_dir)
 
     err = max((e["max_abs_error"] for e in errors.values()), default=0.0)
     rel = max((e["max_abs_error"] / e["max_abs_weight"] for e in errors.values() if e["max_abs_weight"] > 0), default=0.0)
-    info = {"format": "torchao", "torchao_config": f"IntxWeightOnlyConfig(weight_dtype=torch.int{bits}, "
-            f"granularity=PerGroup({group_size}), mapping_type=MappingType.ASYMMETRIC)",
-            "tensor": "IntxUnpackedToInt8Tensor (qdata = q - 2^(b-1), zero_point = -2^(b-1) - offset / scale, fp32)",
-            "bits": bits, "group_size": group_size, "quantized_layers": len(errors),
+    label = (f"Int4WeightOnlyConfig(group_size={group_size}) (a label: the weights are pickled)" if lay.name == "packed"
+             else f"IntxWeightOnlyConfig(weight_dtype=torch.int{bits}, granularity=PerGroup({group_size}), "
+                  "mapping_type=MappingType.ASYMMETRIC)")
+    info = {"format": "torchao", "torchao_config": label, **record, "quantized_layers": len(errors),
             "tie_word_embeddings": bool(getattr(model.config, "tie_word_embeddings", False)),
             "source": str(model_dir.resolve()), "source_sha256": want, "source_method": meta.get("method"),
             "versions": {"torchao": version("torchao"), "transformers": version("transformers"),
                          "torch": torch.__version__},
             "max_abs_error": err, "max_rel_error": rel, "layers": errors}
     with atomic_dir(out) as tmp, _transformers_progress(progress):
-        model.save_pretrained(tmp)
+        if lay.name == "packed":
+            _save_pickled(model, tmp)
+        else:
+            model.save_pretrained(tmp)
         info["files"] = sorted(p.name for p in tmp.iterdir()) + _copy_side_files(model_dir, tmp) + [INFO_FILE]
         write_json(tmp / INFO_FILE, info)
     report = {"path": str(out), "folder_bytes": sum(p.stat().st_size for p in out.iterdir()),
@@ -289,9 +317,9 @@ def export_torchao(model_dir: str | os.PathLike, out: str | os.PathLike, *, prog
 def format_report(report: dict) -> str:
     """A few human-readable lines summarising an ``export_torchao`` report."""
     return "\n".join([
-        f"wrote {report['path']} ({report['folder_bytes'] / 2**20:.1f} MiB; qalora weights "
-        f"{report['source_bytes'] / 2**20:.1f} MiB): {report['quantized_layers']} layers int{report['bits']} "
-        f"g{report['group_size']} as torchao IntxUnpackedToInt8Tensor",
-        f"max abs weight error vs qalora's fp32 weights: {report['max_abs_error']:.3g} "
-        f"({report['max_rel_error']:.2g} of the layer's max |w|; fp32 rounding)",
-        "load it with transformers.AutoModelForCausalLM.from_pretrained(path) (needs torchao, not qalora)"])
+        (f"wrote {report['path']} ({report['folder_bytes'] / 2**20:.1f} MiB; qalora weights "
+         f"{report['source_bytes'] / 2**20:.1f} MiB): {report['quantized_layers']} layers int{report['bits']} "
+         f"g{report['group_size']} as torchao {report['tensor']} ({report['layout']})"),
+        (f"max abs weight error vs qalora's fp32 weights: {report['max_abs_error']:.3g} "
+         f"({report['max_rel_error']:.2g} of the layer's max |w|; fp32 rounding)"),
+        f"load it (needs transformers + torchao, not qalora): {report['load']}"])
