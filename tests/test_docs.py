@@ -246,6 +246,24 @@ def check_methods_trainable(md: str) -> None:
             check(cells[column].split("(")[0], r["trainable_parameters"], f"trainable {cells[0]}", scale=1e-6)
 
 
+EXPORT_ROWS = {"qalora checkpoint": "qalora checkpoint", "`gguf`": "gguf", "`mlx` (float16)": "mlx float16",
+               "`torchao`": "torchao unpacked", "`torchao --layout packed`": "torchao packed",
+               "`peft` (adapter)": "peft adapter", "`gguf-lora` (adapter)": "gguf-lora adapter"}
+
+
+def check_export_sizes(md: str) -> None:
+    """The export table: every row's size (MB) and bits per parameter are export_sizes.json's."""
+    line, head, rows = table_at(md, "| format | runtime | widths, groups |")
+    named_beside(md, line, "benchmarks/results/export_sizes.json")
+    js = {r["format"]: r for r in load("benchmarks/results/export_sizes.json")["rows"]}
+    assert [r[0] for r in rows] == list(EXPORT_ROWS)
+    for r in rows:
+        rec = js[EXPORT_ROWS[r[0]]]
+        check(r[-2], rec["bytes"], f"export {r[0]} size", 1e-6)
+        if r[-1] != "—":
+            check(r[-1], rec["bits_per_parameter"], f"export {r[0]} bits per parameter")
+
+
 CHECKS = {
     "| model | method | perplexity |": check_quantize_ppl,
     "| weight (out×in) | rows M |": check_kernels,
@@ -254,6 +272,7 @@ CHECKS = {
     "| passage | positions | qalora kernel |": check_gguf_llamacpp,
     "| method | INT": check_methods_measured,
     "| method | trains (per layer": check_methods_trainable,
+    "| format | runtime | widths, groups |": check_export_sizes,
 }
 # tables no committed JSON backs: the README must say so beside them
 UNCHECKED = {"| task | n | acc | acc_norm | wall |": "qalora eval / lm-eval figures of 2026-11-24"}

@@ -61,13 +61,14 @@ def run_dir(root, method, lora, steps=1, model="q4"):
     return out
 
 
-def with_random_b(src, dst, seed=0):
-    """A copy of adapter ``src`` whose ``lora_B`` are N(0, B_STD) (written by ``write_adapter``, so
-    its SHA-256 is recorded as for any adapter)."""
+def with_random_b(src, dst, seed=0, qk_std=B_STD):
+    """A copy of adapter ``src`` whose ``lora_B`` are N(0, B_STD), those of q_proj / k_proj
+    N(0, ``qk_std``) (written by ``write_adapter``, so its SHA-256 is recorded as for any adapter)."""
     cfg, state = read_adapter(src)
     g = torch.Generator().manual_seed(seed)
-    state = {k: torch.randn(t.shape, generator=g) * B_STD if k.endswith("lora_B.weight") else t
-             for k, t in state.items()}
+    state = {k: torch.randn(t.shape, generator=g) * (qk_std if k.endswith(("q_proj.lora_B.weight",
+                                                                            "k_proj.lora_B.weight")) else B_STD)
+             if k.endswith("lora_B.weight") else t for k, t in state.items()}
     dst.mkdir()
     write_adapter(dst, state, cfg)
     return dst
@@ -320,6 +321,68 @@ def test_gguf_lora_in_llama_cpp_gives_the_merged_model(files, tmp_path):
         first = next(i for i, (x, y) in enumerate(zip(got, want)) if x != y)
         assert margins[first] < 2 * GGUF_MAX, (text, first, margins[first])
     assert agree >= len(PROMPTS) // 2  # observed 4 of 6; the other two part at margins 0.008 and 0.003
+
+
+# std of q_proj / k_proj's random B in the architectures test: their LoRA then moves logits as much
+# as the rest, so llama.cpp's row order for them shows. With Q/K rows in the wrong order (Qwen
+# permuted, Mistral not) base+LoRA is 0.34 / 1.10 / 0.74 from the merged GGUF (qwen2 / qwen3 /
+# mistral), 2-7x GGUF_MAX; at B_STD for every module a wrong order moved it only to 0.067 (qwen2).
+QK_STD = 0.3
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "mistral"])
+def test_gguf_lora_in_llama_cpp_other_architectures(tmp_path, kind):
+    """The same check for the other GGUF architectures (``qalora.export.gguf_arch``), on
+    ``test_gguf_arch``'s tiny models (RTN INT4 g32, lm_head kept in float): a QA-LoRA adapter (one
+    step, then B random, Q/K's larger: ``QK_STD``), its merge, base GGUF + LoRA GGUF against the
+    merged GGUF within the Llama bounds. The LoRA carries the base's ``general.architecture``
+    (``qwen2``, ``qwen3``; Mistral is llama.cpp's ``llama``), and only Mistral's ``lora_b`` Q/K rows
+    are in rotary order: Qwen's graphs use NEOX RoPE, as HF. Observed max / mean |Δlogit| 0.034 /
+    0.0056 (qwen2), 0.042 / 0.0067 (qwen3), 0.067 / 0.0077 (mistral); llama.cpp's own floor (merged
+    GGUF vs qalora fp32) 0.035 / 0.051 / 0.060; the LoRA's effect 0.30 / 0.85 / 0.59."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    from test_gguf_arch import QUANT, qwen_tokenizer
+    from test_gguf_arch import tiny_model as tiny_arch_model
+
+    tok = qwen_tokenizer() if kind.startswith("qwen") else tiny_tokenizer()
+    model = tiny_arch_model(kind)
+    quantize_model(model, QUANT, progress=False)
+    save_checkpoint(model, tok, tmp_path / "q4", {"bits": 4, "group_size": 32, "method": "rtn", "source_model": "tiny"})
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps({"instruction": f"{q} (#{i})", "input": "", "output": a})
+                                                 + "\n" for i, (q, a) in enumerate(QA * 4)))
+    with_random_b(run_dir(tmp_path, "qalora", LORA), tmp_path / "qa", qk_std=QK_STD)
+    merge(tmp_path / "q4", tmp_path / "qa", tmp_path / "merged", progress=False)
+    export_gguf(tmp_path / "q4", tmp_path / "base.gguf", progress=False)
+    export_gguf(tmp_path / "merged", tmp_path / "merged.gguf", progress=False)
+    report = export_gguf_lora(tmp_path / "qa", tmp_path / "lora.gguf", progress=False)
+    assert report["modules"] == 14 and report["tensors"] == 28
+
+    arch = {p: gguf.GGUFReader(str(tmp_path / p)).fields["general.architecture"].contents()
+            for p in ("base.gguf", "lora.gguf")}
+    assert arch["lora.gguf"] == arch["base.gguf"] == {"qwen2": "qwen2", "qwen3": "qwen3", "mistral": "llama"}[kind]
+    tensors = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "lora.gguf")).tensors}
+    B = read_adapter(tmp_path / "qa")[1]["model.layers.1.self_attn.k_proj.lora_B.weight"]
+    want = B[torch.from_numpy(rotary_row_order(B.shape[0], 2))] if kind == "mistral" else B
+    np.testing.assert_array_equal(tensors["blk.1.attn_k.weight.lora_b"].data, want.numpy())
+
+    served, merged, base = (_llama(tmp_path / "base.gguf", tmp_path / "lora.gguf"), _llama(tmp_path / "merged.gguf"),
+                            _llama(tmp_path / "base.gguf"))
+    ours = load(tmp_path / "merged", kernel="dense")
+    diffs, floor, effect = [], 0.0, 0.0
+    for text in PROMPTS:
+        ids = tok(text)["input_ids"]
+        with torch.no_grad():
+            fp32 = ours(torch.tensor([ids])).logits[0].numpy()
+        s, m = _scores(served, ids), _scores(merged, ids)
+        diffs.append(np.abs(s - m).ravel())
+        floor = max(floor, float(np.abs(m - fp32).max()))
+        effect = max(effect, float(np.abs(_scores(base, ids) - m).max()))
+    d = np.concatenate(diffs)
+    print(f"{kind}: base+LoRA vs merged GGUF max {d.max():.4f} mean {d.mean():.4f}; merged GGUF vs qalora fp32 "
+          f"{floor:.4f}; LoRA effect {effect:.3f}")
+    assert d.max() <= GGUF_MAX and d.mean() <= GGUF_MEAN
+    assert d.max() <= 2 * floor  # no farther from the merged GGUF than llama.cpp is from qalora fp32
+    assert effect > 3 * d.max()  # the LoRA is applied: without it logits move by far more
 
 
 # ----------------------------------------------------------------------------------- refusals

@@ -225,7 +225,7 @@ def format_table(s: dict) -> str:
         ("weights", f"INT{s['bits']} g{s['group_size']} {s['quant_method'].upper()} "
                     f"({s['bits_per_quantized_weight']:.2f} bits/weight incl. scale+offset)"),
         ("size on disk", f"quantized {_mb(s['quantized_bytes'])}, merged {_mb(s['merged_bytes'])}, "
-                         f"GGUF {_mb(s['gguf_bytes'])}, MLX {_mb(s.get('mlx_bytes'))}"),
+                         f"GGUF {_mb(s['gguf_bytes'])}" + (f", MLX {_mb(s['mlx_bytes'])}" if s.get("mlx_bytes") else "")),
         ("QA-LoRA", f"{s['trainable_parameters']:,} trainable parameters, {s['train_steps']} steps, "
                     f"{s['seconds_per_step']:.2f} s/step"),
         ("validation loss", f"{s['val_loss_before']:.4f} before tuning -> {s['val_loss_after']:.4f} after"),
