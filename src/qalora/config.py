@@ -129,6 +129,8 @@ class TrainConfig:
         eval_every, eval_batches: validation loss every N steps on a fixed set of batches.
         save_every: checkpoint every N steps (atomic; the last two are kept).
         grad_checkpointing: recompute decoder layers in backward to save activation memory.
+        parallel: under torchrun, ``ddp`` (adapters replicated, gradients all-reduced) or ``fsdp2``
+            (``fully_shard`` per decoder layer); one process ignores it.
         seed: model init, dropout and data order.
         tsign_start, tsign_mid, tsign_end, tsign_ramp: t-SignSGD's quantile σ of |grad| (ternary
             parameters of ``lota``): linear from ``start`` to ``mid`` over the first ``ramp`` of
@@ -150,6 +152,7 @@ class TrainConfig:
     eval_batches: int = field(default=8, metadata={"help": "validation batches"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N steps"})
     grad_checkpointing: bool = field(default=False, metadata={"help": "recompute layers in backward"})
+    parallel: str = field(default="ddp", metadata={"help": "under torchrun: ddp or fsdp2 (fully_shard per decoder layer)"})
     seed: int = field(default=0, metadata={"help": "seed for init, dropout and data order"})
     tsign_start: float = field(default=0.95, metadata={"help": "t-SignSGD: quantile of |grad| at step 1"})
     tsign_mid: float = field(default=0.999, metadata={"help": "t-SignSGD: quantile at the end of the ramp"})
@@ -159,6 +162,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.method not in TRAIN_METHODS:
             raise QaloraError(f"method {self.method!r} is unknown; use one of {', '.join(TRAIN_METHODS)}")
+        if self.parallel not in ("ddp", "fsdp2"):
+            raise QaloraError(f"parallel {self.parallel!r} is unknown; use ddp or fsdp2")
         if self.compute_dtype not in ("fp32", "bf16"):
             raise QaloraError(f"compute_dtype {self.compute_dtype!r} is unknown; use fp32 or bf16")
         for name in ("steps", "batch_size", "grad_accum", "max_seq_len", "eval_every", "eval_batches", "save_every"):

@@ -155,3 +155,42 @@ def test_two_processes_killed_resume_in_one(base, tmp_path):
     again = _one(_args(base, killed, 6, 2, "--resume"))
     assert again.returncode == 0, again.stderr[-2000:]
     _assert_same_adapter(tmp_path / "full", killed)
+
+
+@pytest.mark.parametrize("method", [["qalora"], ["lota", "--lota-omega", "1"]], ids=["qalora", "lota"])
+def test_fsdp2_gives_the_ddp_adapter(base, tmp_path, method):
+    """FSDP2 (every parameter sharded over 2 processes, t-SignSGD's quantile over the whole
+    gradient) and DDP, same global batch: the same adapter (AdamW parameters within the tolerance
+    above; ternary ones equal, as their updates are signs of nearly equal gradients)."""
+    runs = {}
+    for parallel in ("ddp", "fsdp2"):
+        out = tmp_path / parallel
+        res = _torchrun(2, _args(base, out, 4, 1, "--parallel", parallel, "--method", *method))
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs[parallel] = load_file(str(out / "adapter.safetensors"))
+    a, b = runs["ddp"], runs["fsdp2"]
+    assert a.keys() == b.keys()
+    for k in a:
+        if "lota_" in k:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], rtol=RTOL, atol=ATOL, msg=k)
+    assert any(t.abs().sum() > 0 for k, t in a.items() if "lora_B" in k or "lota_B" in k)
+
+
+def test_fsdp2_checkpoint_resumes_in_one_process(base, tmp_path):
+    """An FSDP2 run's checkpoints hold whole tensors: killed after its first checkpoint, it resumes
+    in one process (no sharding) and ends equal to an uninterrupted one-process run."""
+    full = _one(_args(base, tmp_path / "full", 6, 2))
+    assert full.returncode == 0, full.stderr[-2000:]
+    killed = tmp_path / "killed"
+    proc = _torchrun(2, _args(base, killed, 6, 1, "--parallel", "fsdp2"), popen=True)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "latest").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    _kill_run(proc, str(killed))
+    time.sleep(1)
+    assert (killed / "checkpoints" / "latest").read_text().strip() == "step-000002"
+    again = _one(_args(base, killed, 6, 2, "--resume"))
+    assert again.returncode == 0, again.stderr[-2000:]
+    _assert_same_adapter(tmp_path / "full", killed)

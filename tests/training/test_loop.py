@@ -192,8 +192,8 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, q_dir, data_f
     calls = {"n": 0}
     real = loop._token_loss_sum
 
-    def poisoned(model, batch, ctx):  # the 4th training micro-batch (step 4) goes non-finite
-        loss = real(model, batch, ctx)
+    def poisoned(model, batch, ctx, device="cpu"):  # the 4th training micro-batch (step 4) goes non-finite
+        loss = real(model, batch, ctx, device)
         if model.training:
             calls["n"] += 1
             if calls["n"] == 4:
@@ -245,3 +245,39 @@ def test_fp32_compute_never_calls_a_bf16_kernel(tmp_path, q_dir, data_file, monk
         with pytest.raises(AssertionError, match="bf16 int4 kernel was used"):
             train(q_dir, tmp_path / "bf16", cfg(data_file, steps=1, compute_dtype="bf16"), LORA, progress=False)
         assert calls
+
+
+def test_scored_positions_loss_equals_the_full_head(tmp_path, q_dir, data_file):
+    """The loss on the scored positions only (``logits_to_keep``) equals the loss computed from
+    the full ``[B, T, vocab]`` logits, and so do the adapters' gradients (fp32; the head's GEMM
+    runs on fewer rows, so allow rounding: rtol 1e-5)."""
+    from contextlib import nullcontext
+
+    from qalora.adapters.attach import add_adapters, adapter_parameters
+    from qalora.models import load_tokenizer
+    from qalora.training.data import load_train_data
+    from qalora.training.loop import _token_loss_sum, scored_positions
+
+    model = load(q_dir, kernel="reference")
+    add_adapters(model, "qalora", LORA)
+    for k, p in adapter_parameters(model).items():
+        if "lora_B" in k:
+            torch.nn.init.normal_(p, std=0.05)
+    data = load_train_data(data_file, load_tokenizer(q_dir), cfg(data_file))
+    batch = data.train_batch(0)
+    keep = scored_positions(batch["labels"])
+    assert 0 < keep.numel() < batch["labels"].shape[1] - 1  # prompts are not scored
+
+    def full_head() -> torch.Tensor:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                 batch["labels"][:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+
+    params = [p for p in adapter_parameters(model).values() if p.requires_grad]
+    ref = full_head()
+    ref_grads = torch.autograd.grad(ref, params)
+    ours = _token_loss_sum(model, batch, nullcontext)
+    grads = torch.autograd.grad(ours, params)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=0)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)

@@ -4,8 +4,15 @@ The trainer takes a :class:`Ranks` value instead of reading process state itself
 holds nothing process-bound: :func:`from_env` is what the command line (or a user's own
 ``torchrun`` script) calls, once, to join the process group torchrun describes in the
 environment (``WORLD_SIZE``, ``RANK``, ``MASTER_ADDR``/``MASTER_PORT``); backend gloo on CPU,
-nccl on CUDA. Communication is ``torch.distributed`` only: DDP over the adapter parameters
-(the frozen base and its packed buffers are never sent).
+nccl on CUDA. Communication is ``torch.distributed`` only, in one of two forms
+(``--parallel``):
+
+- ``ddp``: DDP over the adapter parameters (the frozen base and its packed buffers are never sent);
+- ``fsdp2``: ``fully_shard`` on every decoder layer and on the model, so each process holds
+  ``1/W`` of every parameter (adapters, norms, embeddings) and its optimizer state, gathered for a
+  layer's forward and backward and reduce-scattered after; the packed codes and qparams stay
+  buffers, whole on every process. Checkpoints hold full tensors (gathered on every process,
+  written by process 0), so a run resumes under either form and any number of processes.
 
 The batch plan is global: optimizer step ``s`` consumes the ``W·A`` micro-batches
 ``k = s·W·A + j·W + r`` (``W`` ranks, ``A = grad_accum``, ``j < A``), rank ``r`` the ones with
@@ -98,11 +105,24 @@ def leave(ranks: Ranks) -> None:
             dist.destroy_process_group()
 
 
-def wrap(model: torch.nn.Module, ranks: Ranks) -> torch.nn.Module:
-    """``model`` under DDP for ``ranks.world > 1`` (gradients of the trainable parameters are
-    averaged; buffers — the packed codes and qparams — are neither broadcast nor reduced), else
-    ``model`` itself."""
+PARALLEL = ("ddp", "fsdp2")
+
+
+def wrap(model: torch.nn.Module, ranks: Ranks, parallel: str = "ddp") -> torch.nn.Module:
+    """``model`` under DDP (``parallel="ddp"``: gradients of the trainable parameters averaged;
+    buffers — the packed codes and qparams — neither broadcast nor reduced) or sharded in place by
+    FSDP2 (``"fsdp2"``: one ``fully_shard`` unit per decoder layer, the rest in the root unit) for
+    ``ranks.world > 1``; else ``model`` itself."""
     if not ranks.distributed:
+        return model
+    if parallel == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        from qalora.patch import decoder_layers
+
+        for layer in decoder_layers(model):
+            fully_shard(layer)
+        fully_shard(model)
         return model
     from torch.nn.parallel import DistributedDataParallel
 
@@ -111,8 +131,41 @@ def wrap(model: torch.nn.Module, ranks: Ranks) -> torch.nn.Module:
 
 
 def no_sync(model: torch.nn.Module, last: bool):
-    """DDP's ``no_sync`` for every micro-batch but the step's last (gradients reduce once per step)."""
+    """Gradients reduce once per step: DDP's ``no_sync`` for every micro-batch but the step's last,
+    FSDP2's ``set_requires_gradient_sync(last)``."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(last)
+        return nullcontext()
     return model.no_sync() if hasattr(model, "no_sync") and not last else nullcontext()
+
+
+def is_sharded(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def full(t):
+    """The whole tensor behind ``t`` (a collective for a sharded one: every process must call it)."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def full_state(obj):
+    """``obj`` (a state dict, nested) with every sharded tensor gathered whole, in a fixed order."""
+    if isinstance(obj, dict):
+        return {k: full_state(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(full_state(v) for v in obj)
+    return full(obj) if torch.is_tensor(obj) else obj
+
+
+def shard_like(t: torch.Tensor, like) -> torch.Tensor:
+    """``t`` (whole) sharded as the parameter ``like`` is (``t`` itself when ``like`` is whole)."""
+    if not is_sharded(like) or not torch.is_tensor(t) or t.dim() == 0:
+        return t
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(t.to(like.dtype), like.device_mesh, like.placements, src_data_rank=None)
 
 
 def micro_seed(seed: int, k: int) -> int:

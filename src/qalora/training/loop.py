@@ -34,7 +34,7 @@ from qalora.errors import QaloraError
 from qalora.io import read_json, write_json
 from qalora.training.optim import Optimizers
 from qalora.training.data import TrainData, load_train_data
-from qalora.training.distributed import Ranks, micro_seed, no_sync, wrap
+from qalora.training.distributed import Ranks, full, micro_seed, no_sync, wrap
 from qalora.training.state import latest_checkpoint, load_train_state, save_train_state
 
 RUN_FILE = "run.json"
@@ -59,22 +59,36 @@ def _step_batches(data: TrainData, step: int, cfg: TrainConfig, ranks: Ranks) ->
     return StepBatch(micro, int(ranks.sum(tokens)), int(ranks.sum(inputs)))
 
 
-def _token_loss_sum(model, batch: dict, dtype_ctx) -> torch.Tensor:
-    """Sum of next-token cross entropies over response tokens (fp32)."""
+def scored_positions(labels: torch.Tensor) -> torch.Tensor:
+    """``[K]`` positions ``t`` whose logits some sequence of the batch scores (``labels[:, t + 1]``
+    is a response token), from ``labels [B, T]``."""
+    return (labels[:, 1:] != -100).any(0).nonzero().squeeze(1)
+
+
+def _token_loss_sum(model, batch: dict, dtype_ctx, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Sum of next-token cross entropies over response tokens (fp32).
+
+    Only the ``K`` positions some sequence scores get logits (``logits_to_keep``): the head's
+    ``[B, K, vocab]`` instead of ``[B, T, vocab]``, and prompts, which are most of an instruction
+    batch, cost no head matmul at all. Rows that are the same as the full head's, up to the
+    GEMM's blocking (fp32)."""
+    labels = batch["labels"]
+    keep = scored_positions(labels)
     with dtype_ctx():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"][:, 1:]
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                       logits_to_keep=keep.to(device)).logits                        # [B, K, vocab]
+    target = labels[:, 1:][:, keep].to(device)                                         # [B, K]
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
                            ignore_index=-100, reduction="sum")
 
 
 @torch.no_grad()
-def validation_loss(model, data: TrainData, dtype_ctx) -> float:
+def validation_loss(model, data: TrainData, dtype_ctx, device: torch.device | str = "cpu") -> float:
     was = model.training
     model.eval()
     total, count = 0.0, 0
     for batch in data.val_batches():
-        total += float(_token_loss_sum(model, batch, dtype_ctx))
+        total += float(_token_loss_sum(model, batch, dtype_ctx, device))
         count += int((batch["labels"][:, 1:] != -100).sum())
     model.train(was)
     return total / max(count, 1)
@@ -143,27 +157,24 @@ def train(model: str | os.PathLike | None, out: str | os.PathLike, cfg: TrainCon
     torch.manual_seed(cfg.seed)
     net = base.model
     names = add_adapters(net, cfg.method, lora)
+    device = torch.device(ranks.device if ranks.distributed else ("cuda" if torch.cuda.is_available() else "cpu"))
+    net.to(device)  # the packed buffers and the adapters: training runs where the model is
     n_trainable = trainable_parameters(net)
     if cfg.grad_checkpointing:
         if hasattr(net, "activation_checkpointing_enable"):
             net.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optim = Optimizers(net, cfg)
-    runner = wrap(net, ranks)  # DDP over the adapter parameters when there are several processes
-    dtype_ctx = (lambda: torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16)) \
-        if cfg.compute_dtype == "bf16" else nullcontext
+    dtype_ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.compute_dtype == "bf16" else nullcontext
+    rng_devices = [device] if device.type == "cuda" else []
 
     start = 0
     metrics = adir / "metrics.jsonl"
     ranks.barrier()  # every process has validated its inputs before process 0 writes anything
-    if resume and (ckpt := latest_checkpoint(adir)) is not None:
+    ckpt = latest_checkpoint(adir) if resume else None
+    if ckpt is not None:
         adapter, state = load_train_state(ckpt)
-        load_adapter_state(net, adapter)
-        optim.load_state_dict(state["optim"])
-        torch.set_rng_state(state["rng"])
-        if state.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        load_adapter_state(net, adapter)  # whole tensors, before any sharding
         start = state["step"]
         if ranks.main:
             _truncate_metrics(metrics, start)
@@ -172,6 +183,15 @@ def train(model: str | os.PathLike | None, out: str | os.PathLike, cfg: TrainCon
         write_json(adir / RUN_FILE, {**identity, "base_path": base.path, "targets_wrapped": len(names),
                                      "processes": ranks.world})
         metrics.write_text("")
+    # several processes: DDP over the adapter parameters, or FSDP2 sharding every parameter in place
+    runner = wrap(net, ranks, cfg.parallel)
+    sharded = ranks.distributed and cfg.parallel == "fsdp2"
+    optim = Optimizers(net, cfg)  # after sharding: it holds the (sharded) parameters themselves
+    if ckpt is not None:
+        optim.load_state_dict(state["optim"])
+        torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
     if start >= cfg.steps:
         raise QaloraError(f"--resume {str(adir)!r}: the run already reached step {start}; ask for more --steps")
 
@@ -179,8 +199,10 @@ def train(model: str | os.PathLike | None, out: str | os.PathLike, cfg: TrainCon
         procs = f", {ranks.world} processes" if ranks.distributed else ""
         print(f"qalora train: method {cfg.method} ({'+'.join(kinds)}), {len(names)} adapters, {n_trainable:,} trainable "
               f"parameters, {data.n_train} train / {data.n_val} validation examples{procs}", flush=True)
-    # the validation loss is process 0's alone (the others hold the same adapter)
-    val0 = validation_loss(net, data, dtype_ctx) if ranks.main else float("nan")
+    # the validation loss is process 0's alone (the others hold the same adapter), except under
+    # FSDP2, where every forward needs every process
+    validates = ranks.main or sharded
+    val0 = validation_loss(net, data, dtype_ctx, device) if validates else float("nan")
     if start == 0 and ranks.main:
         _log(metrics, {"step": 0, "val_loss": val0})
     net.train()
@@ -192,9 +214,9 @@ def train(model: str | os.PathLike | None, out: str | os.PathLike, cfg: TrainCon
         sb = _step_batches(data, step, cfg, ranks)
         loss_sum = 0.0
         for i, (k, batch) in enumerate(sb.micro):
-            with torch.random.fork_rng(devices=[]), no_sync(runner, last=i == len(sb.micro) - 1):
+            with torch.random.fork_rng(devices=rng_devices), no_sync(runner, last=i == len(sb.micro) - 1):
                 torch.manual_seed(micro_seed(cfg.seed, k))
-                loss = _token_loss_sum(runner, batch, dtype_ctx) / max(sb.tokens, 1)
+                loss = _token_loss_sum(runner, batch, dtype_ctx, device) / max(sb.tokens, 1)
                 (loss * ranks.world).backward()  # DDP averages over processes: the sum of every token's loss
             loss_sum += float(loss.detach())
         loss_sum = ranks.sum(loss_sum)
@@ -210,20 +232,21 @@ def train(model: str | os.PathLike | None, out: str | os.PathLike, cfg: TrainCon
                "tokens": sb.tokens, "input_tokens": sb.input_tokens, "seconds": round(dt, 4)}
         if optim.ternary_changed is not None:
             rec["ternary_changed"] = optim.ternary_changed
-        if ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps) and ranks.main:
-            val = rec["val_loss"] = validation_loss(net, data, dtype_ctx)
+        if ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps) and validates:
+            val = rec["val_loss"] = validation_loss(net, data, dtype_ctx, device)
         if ranks.main:
             _log(metrics, rec)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            whole, optim_state = _whole_adapter_state(net), optim.state_dict()  # gathers: every process
             if ranks.main:
-                save_train_state(adir, step + 1, adapter_state(net), optim.state_dict())
+                save_train_state(adir, step + 1, whole, optim_state)
             last_good = step + 1
         bar.set_postfix(loss=f"{loss_sum:.3f}", val=f"{val:.3f}", tok_s=f"{tokens_seen / (time.time() - t_start):.0f}")
         bar.update(1)
     bar.close()
     elapsed = time.time() - t_start
     steps_run = cfg.steps - start
-    state = adapter_state(net)
+    state = _whole_adapter_state(net)
     config = {"method": cfg.method, "kinds": list(kinds), "rank": lora.rank,
               "alpha": lora.alpha, "dropout": lora.dropout, "targets": list(lora.targets),
               "lota_omega": _lota_omega(net), "modules": names,
@@ -240,6 +263,11 @@ def train(model: str | os.PathLike | None, out: str | os.PathLike, cfg: TrainCon
     written = write_adapter(adir, state, config)
     ranks.barrier()
     return written
+
+
+def _whole_adapter_state(net) -> dict:
+    """:func:`adapter_state` with sharded tensors gathered whole (every process must call it)."""
+    return {k: full(v) for k, v in adapter_state(net).items()}
 
 
 def _lota_omega(net) -> float | None:

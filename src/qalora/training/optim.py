@@ -7,6 +7,7 @@ import torch
 
 from qalora.adapters.attach import adapter_parameters, ternary_parameter_names
 from qalora.config import TrainConfig
+from qalora.training.distributed import full, full_state, shard_like
 from qalora.training.tsignsgd import TSignSGD
 
 
@@ -34,7 +35,8 @@ class Optimizers:
         """Clip the float parameters' gradient norm (0: no clipping); returns the norm of all
         gradients before clipping."""
         grads = [p.grad for p in self.float_params + self.ternary_params if p.grad is not None]
-        total = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
+        norms = [full(g.norm()) for g in grads]  # a sharded gradient's norm is gathered whole
+        total = float(torch.linalg.vector_norm(torch.stack(norms))) if grads else 0.0
         if max_norm > 0 and self.float_params:
             torch.nn.utils.clip_grad_norm_(self.float_params, max_norm)
         return total
@@ -57,10 +59,18 @@ class Optimizers:
         return self.tsign.last_changed if self.tsign is not None else None
 
     def state_dict(self) -> dict:
-        return {name: None if obj is None else obj.state_dict()
+        """Every state whole (sharded optimizer states gathered: all processes must call this), so a
+        checkpoint resumes under any number of processes, sharded or not."""
+        return {name: None if obj is None else full_state(obj.state_dict())
                 for name, obj in (("adamw", self.adamw), ("scheduler", self.scheduler), ("tsign", self.tsign))}
 
     def load_state_dict(self, state: dict) -> None:
         for name, obj in (("adamw", self.adamw), ("scheduler", self.scheduler), ("tsign", self.tsign)):
             if obj is not None:
                 obj.load_state_dict(state[name])
+        if self.adamw is not None:  # whole states back onto sharded parameters
+            for group in self.adamw.param_groups:
+                for p in group["params"]:
+                    st = self.adamw.state.get(p, {})
+                    for k, v in list(st.items()):
+                        st[k] = shard_like(v, p)

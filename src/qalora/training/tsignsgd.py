@@ -14,6 +14,10 @@ learning rate and no state beyond the step count. ``τ = 1e-9`` ignores vanishin
 
 with LoTA-QAF's defaults start 0.95, mid 0.999, end 0.9999, ramp 0.8. The quantile is the
 ``ceil(σ n)``-th smallest ``|g|`` (the nearest-rank quantile, exact for any tensor size).
+
+Under FSDP2 a parameter and its gradient are sharded: the quantile is taken over the whole
+gradient (gathered) and each process updates its own shard, so the update is the one a single
+process makes.
 """
 
 from __future__ import annotations
@@ -45,8 +49,15 @@ def grad_threshold(g: torch.Tensor, sigma: float) -> torch.Tensor:
 
 @torch.no_grad()
 def tsign_update(p: torch.Tensor, g: torch.Tensor, sigma: float) -> int:
-    """One t-SignSGD update of ``p`` in place; returns how many entries changed."""
-    thr = grad_threshold(g, sigma)
+    """One t-SignSGD update of ``p`` in place; returns how many entries changed (on this process's
+    shard when ``p`` is sharded)."""
+    from qalora.training.distributed import is_sharded
+
+    if is_sharded(g):
+        thr = grad_threshold(g.full_tensor(), sigma)
+        p, g = p.to_local(), g.to_local()
+    else:
+        thr = grad_threshold(g, sigma)
     move = (g.abs() > thr) & (g.abs() > TAU)
     new = (p - torch.sign(g) * move.to(p.dtype)).round().clamp(-1, 1)
     changed = int((new != p).sum())
@@ -67,7 +78,7 @@ class TSignSGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        changed = 0
+        changed, sharded = 0, False
         for group in self.param_groups:
             group["step"] += 1
             sigma = sigma_at(group["step"], group["total_steps"], group["start"], group["mid"], group["end"],
@@ -75,5 +86,12 @@ class TSignSGD(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is not None:
                     changed += tsign_update(p, p.grad, sigma)
+                    sharded = sharded or hasattr(p, "device_mesh")
+        if sharded:  # every process counted its own shard
+            import torch.distributed as dist
+
+            total = torch.tensor([changed], dtype=torch.int64)
+            dist.all_reduce(total)
+            changed = int(total)
         self.last_changed = changed
         return None
