@@ -107,14 +107,29 @@ def llama_logits(llm, ids: list[int]) -> np.ndarray:
     return np.array(llm.scores[: len(ids)])
 
 
-def llama_greedy(llm, ids: list[int], n: int) -> list[int]:
+def llama_greedy(llm, ids: list[int], n: int, margins: list | None = None) -> list[int]:
+    """``n`` greedy tokens; ``margins`` (if given) receives each step's top-1 minus top-2 logit."""
     llm.reset()
     llm.eval(ids)
     new = []
     for _ in range(n):
-        new.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        scores = np.asarray(llm.scores[llm.n_tokens - 1])
+        top2 = np.sort(scores)[-2:]
+        if margins is not None:
+            margins.append(float(top2[1] - top2[0]))
+        new.append(int(np.argmax(scores)))
         llm.eval([new[-1]])
     return new
+
+
+def first_divergence_margins(a: list[list[int]], b: list[list[int]], margins: list[list[float]]) -> list[float]:
+    """For each prompt whose continuations part, ``b``'s top-1 minus top-2 logit where they part."""
+    out = []
+    for x, y, m in zip(a, b, margins):
+        i = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), None)
+        if i is not None:
+            out.append(round(m[i], 4))
+    return out
 
 
 def greedy_agreement(a: list[list[int]], b: list[list[int]]) -> dict:
@@ -171,15 +186,21 @@ def check_llama_cpp(run: Path, work: Path, tok, new_tokens: int, threads: int) -
 
     served, merged = llm(work / "base.gguf", work / "adapter.gguf"), llm(work / "merged.gguf")
     ours = load(run / "merged", kernel="dense")
-    rows, floor, a, b = [], [], [], []
+    pad = tok.eos_token_id if tok.eos_token_id is not None else 0
+    rows, floor, a, b, c, margins = [], [], [], [], [], []
     for text in PROMPTS:
         ids = tok(text)["input_ids"]
         m = llama_logits(merged, ids)
         rows.append(compare(llama_logits(served, ids), m))
         floor.append(compare(m, hf_logits(ours, ids)))
         a.append(llama_greedy(served, ids, new_tokens))
-        b.append(llama_greedy(merged, ids, new_tokens))
-    return {**pooled(rows), "greedy": greedy_agreement(a, b), "floor_merged_gguf_vs_qalora_fp32": pooled(floor)}
+        margins.append([])
+        b.append(llama_greedy(merged, ids, new_tokens, margins[-1]))
+        c.append(hf_greedy(ours, ids, new_tokens, pad))
+    greedy = {**greedy_agreement(a, b), "first_divergence_margins": first_divergence_margins(a, b, margins)}
+    # the anchor: how well llama.cpp's merged GGUF reproduces qalora's own fp32 greedy output
+    return {**pooled(rows), "greedy": greedy,
+            "floor_merged_gguf_vs_qalora_fp32": {**pooled(floor), "greedy": greedy_agreement(b, c)}}
 
 
 def table(result: dict) -> str:
@@ -196,8 +217,10 @@ def table(result: dict) -> str:
                      f"{r['max_abs_diff']:>9.2e} {g['prompts_identical']:>5}/{g['prompts']:<5}")
     f = result["llama_cpp"].get("floor_merged_gguf_vs_qalora_fp32")
     if f:
+        g = f.get("greedy") or {}
         lines.append(f"{'  floor: merged GGUF vs qalora fp32':<40} {f['positions']:>9} {f['top1']:>6.3f} "
-                     f"{f['mean_abs_diff']:>9.2e} {f['max_abs_diff']:>9.2e}")
+                     f"{f['mean_abs_diff']:>9.2e} {f['max_abs_diff']:>9.2e} "
+                     f"{g.get('prompts_identical', '-'):>5}/{g.get('prompts', '-'):<5}")
     return "\n".join(lines)
 
 
