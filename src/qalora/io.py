@@ -43,6 +43,21 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextmanager
+def atomic_file(out: Path) -> Iterator[Path]:
+    """Yield a temporary sibling path of ``out`` (already checked new); on success it becomes
+    ``out`` (mode 0644), on error it is deleted: a half-written ``out`` never appears."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +51,7 @@ from qalora.export.gguf_blocks import (
     rotary_row_order,
     to_f16,
 )
-from qalora.io import check_new_output, read_json
+from qalora.io import atomic_file, check_new_output, read_json
 from qalora.quant.qparams import dequantize
 from qalora.quant.weight import QuantizedWeight
 
@@ -283,25 +282,18 @@ def _write(writer: gguf.GGUFWriter, weights: Path, out: Path, config, arch: GGUF
             shape, dtype, nbytes, ggml = p.info(float_type)
             writer.add_tensor_info(p.name, shape, dtype, nbytes, raw_dtype=ggml if ggml == _GGML.Q4_1 else None)
 
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-        os.close(fd)
-        tensors, ok = {}, False
-        try:
-            writer.write_header_to_file(Path(tmp))
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            for p in tqdm(plan, desc="gguf", disable=not progress):
-                array, err = convert_tensor(p, f.get_tensor, float_type)
-                writer.write_tensor_data(array)
-                tensors[p.name] = {"type": p.info(float_type)[3].name, "source": p.source, "max_abs_error": err}
-            writer.close()
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, out)
-            ok = True
-        finally:
-            writer.close()
-            if not ok and os.path.exists(tmp):
-                os.unlink(tmp)
+        tensors = {}
+        with atomic_file(out) as tmp:
+            try:
+                writer.write_header_to_file(tmp)
+                writer.write_kv_data_to_file()
+                writer.write_ti_data_to_file()
+                for p in tqdm(plan, desc="gguf", disable=not progress):
+                    array, err = convert_tensor(p, f.get_tensor, float_type)
+                    writer.write_tensor_data(array)
+                    tensors[p.name] = {"type": p.info(float_type)[3].name, "source": p.source, "max_abs_error": err}
+            finally:
+                writer.close()
     return plan, tok, tensors
 
 

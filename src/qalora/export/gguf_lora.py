@@ -28,7 +28,6 @@ written to a temporary name in the output folder and renamed when complete.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from qalora.errors import QaloraError
 from qalora.export.gguf_arch import arch_for
 from qalora.export.gguf_blocks import rotary_row_order
 from qalora.export.peft import read_lora_adapter, trained_base
-from qalora.io import check_new_output
+from qalora.io import atomic_file, check_new_output
 
 def lora_tensor_names(modules, config) -> dict[str, tuple[str, int | None]]:
     """``{module: (llama.cpp base tensor name, heads for the rotary row order or None)}``, e.g.
@@ -116,21 +115,13 @@ def export_gguf_lora(adapter_dir: str | os.PathLike, out_path: str | os.PathLike
     writer.add_string("qalora.adapter_sha256", adapter_sha256(cfg))
     for tensor_name, array in tensors:
         writer.add_tensor(tensor_name, array)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    os.close(fd)
-    ok = False
-    try:
-        writer.write_header_to_file(Path(tmp))
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-        ok = True
-    finally:
-        writer.close()
-        if not ok and os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(out) as tmp:
+        try:
+            writer.write_header_to_file(tmp)
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
     report = {"path": str(out), "file_bytes": out.stat().st_size, "tensors": len(tensors), "modules": len(pairs),
               "method": cfg["method"], "kinds": list(cfg["kinds"]), "rank": cfg["rank"], "alpha": cfg["alpha"],
               "base": str(base), "base_sha256": cfg["base_sha256"], "adapter_sha256": adapter_sha256(cfg),
