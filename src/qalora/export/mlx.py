@@ -57,6 +57,7 @@ from tqdm.auto import tqdm
 
 from qalora.checkpoint import check_weights, read_meta, weights_sha256
 from qalora.errors import QaloraError
+from qalora.export.summary import error_summary, folder_report
 from qalora.io import atomic_dir, check_new_output, read_json, write_json
 from qalora.quant.qparams import dequantize
 from qalora.quant.weight import QuantizedWeight
@@ -343,9 +344,7 @@ def export_mlx(model_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: s
                                                     separators=(",", ":")), encoding="utf-8")
                 else:
                     shutil.copyfile(model_dir / n, tmp / n)
-            err = max((e["max_abs_error"] for e in errors.values()), default=0.0)
-            rel = max((e["max_abs_error"] / e["max_abs_weight"] for e in errors.values() if e["max_abs_weight"] > 0),
-                      default=0.0)
+            err, rel = error_summary(errors)
             info = {"format": "mlx", "mlx_model": MODEL_TYPES[config["model_type"]], "model_type": config["model_type"],
                     "dtype": dtype, "quantization": quantization, "overrides": overrides,
                     "quantized_layers": len(layers), "tie_word_embeddings": bool(config.get("tie_word_embeddings")),
@@ -355,8 +354,7 @@ def export_mlx(model_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: s
                     "weights_bytes": sum(t.nbytes for t in plan), "max_abs_error": err, "max_rel_error": rel,
                     "layers": errors}
             write_json(tmp / INFO_FILE, info)
-    report = {"path": str(out), "folder_bytes": sum(p.stat().st_size for p in out.iterdir()),
-              "source_bytes": weights.stat().st_size, **info, "seconds": round(time.perf_counter() - start, 2)}
+    report = folder_report(out, weights, info, time.perf_counter() - start)
     if progress:
         print(format_report(report), flush=True)
     return report

@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from qalora.checkpoint import check_weights, read_meta, weights_sha256
 from qalora.errors import QaloraError
+from qalora.export.summary import error_summary, folder_report
 from qalora.export.torchao_layouts import (  # noqa: F401  (torchao_qparams, torchao_weight re-exported)
     DEFAULT_LAYOUT,
     PACKED_LOAD,
@@ -289,8 +290,7 @@ def export_torchao(model_dir: str | os.PathLike, out: str | os.PathLike, *, layo
     if (model_dir / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(model_dir)
 
-    err = max((e["max_abs_error"] for e in errors.values()), default=0.0)
-    rel = max((e["max_abs_error"] / e["max_abs_weight"] for e in errors.values() if e["max_abs_weight"] > 0), default=0.0)
+    err, rel = error_summary(errors)
     label = (f"Int4WeightOnlyConfig(group_size={group_size}) (a label: the weights are pickled)" if lay.name == "packed"
              else f"IntxWeightOnlyConfig(weight_dtype=torch.int{bits}, granularity=PerGroup({group_size}), "
                   "mapping_type=MappingType.ASYMMETRIC)")
@@ -307,8 +307,7 @@ def export_torchao(model_dir: str | os.PathLike, out: str | os.PathLike, *, layo
             model.save_pretrained(tmp)
         info["files"] = sorted(p.name for p in tmp.iterdir()) + _copy_side_files(model_dir, tmp) + [INFO_FILE]
         write_json(tmp / INFO_FILE, info)
-    report = {"path": str(out), "folder_bytes": sum(p.stat().st_size for p in out.iterdir()),
-              "source_bytes": weights.stat().st_size, **info, "seconds": round(time.perf_counter() - start, 2)}
+    report = folder_report(out, weights, info, time.perf_counter() - start)
     if progress:
         print(format_report(report), flush=True)
     return report
