@@ -105,6 +105,16 @@ def _kill_run(proc, marker: str) -> None:
     proc.wait()
 
 
+def _kill_after_first_checkpoint(proc, out) -> None:
+    """Wait for the run writing ``out`` to finish its first checkpoint (step 2), then kill it."""
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "latest").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    _kill_run(proc, str(out))
+    time.sleep(1)
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000002"
+
+
 def _assert_same_adapter(a_dir, b_dir):
     a, b = load_file(str(a_dir / "adapter.safetensors")), load_file(str(b_dir / "adapter.safetensors"))
     assert a.keys() == b.keys()
@@ -142,12 +152,7 @@ def test_two_processes_killed_resume_in_one(base, tmp_path):
     assert full.returncode == 0, full.stderr[-2000:]
     killed = tmp_path / "killed"
     proc = _torchrun(2, _args(base, killed, 6, 1), popen=True)
-    deadline = time.time() + 300
-    while not (killed / "checkpoints" / "latest").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    _kill_run(proc, str(killed))
-    time.sleep(1)
-    assert (killed / "checkpoints" / "latest").read_text().strip() == "step-000002"
+    _kill_after_first_checkpoint(proc, killed)
     assert (killed / "checkpoints" / "latest").exists() and not (killed / "adapter.safetensors").exists()
     wrong = _one(_args(base, killed, 6, 1, "--resume"))
     assert wrong.returncode == 2 and "number of micro-batches per step over all processes" in wrong.stderr
@@ -185,12 +190,7 @@ def test_fsdp2_checkpoint_resumes_in_one_process(base, tmp_path):
     assert full.returncode == 0, full.stderr[-2000:]
     killed = tmp_path / "killed"
     proc = _torchrun(2, _args(base, killed, 6, 1, "--parallel", "fsdp2"), popen=True)
-    deadline = time.time() + 300
-    while not (killed / "checkpoints" / "latest").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    _kill_run(proc, str(killed))
-    time.sleep(1)
-    assert (killed / "checkpoints" / "latest").read_text().strip() == "step-000002"
+    _kill_after_first_checkpoint(proc, killed)
     again = _one(_args(base, killed, 6, 2, "--resume"))
     assert again.returncode == 0, again.stderr[-2000:]
     _assert_same_adapter(tmp_path / "full", killed)
