@@ -11,9 +11,10 @@ from qalora.checkpoint import load, save_checkpoint
 from qalora.config import QuantConfig
 from qalora.errors import QaloraError
 from qalora.io import check_new_output, model_fingerprint
-from qalora.models import load_fp_model, load_tokenizer
+from qalora.models import load_fp_model, load_fp_skeleton, load_tokenizer
 from qalora.patch import quantized_nbytes
 from qalora.quant.model import check_model, quantize_model
+from qalora.quant.streaming import check_loaded
 
 
 def quantize(model: str | os.PathLike | None = "default", out: str | os.PathLike = "qalora-model",
@@ -26,12 +27,13 @@ def quantize(model: str | os.PathLike | None = "default", out: str | os.PathLike
 
     config = config or QuantConfig()
     check_new_output(out)
-    fp, tok, folder = load_fp_model(model)
+    fp, tok, folder, load_layer = load_fp_skeleton(model)  # decoder layers read one at a time
     check_model(fp, config)  # refuse bad group sizes before any calibration work
     calib = None
     if config.method == "gptq":
         calib = calibration_batch(tok, n_samples=config.calib_samples, seq_len=config.calib_seq_len, seed=config.seed)
-    report = quantize_model(fp, config, calib, progress=progress)
+    report = quantize_model(fp, config, calib, progress=progress, load_layer=load_layer)
+    check_loaded(fp)
     sizes = quantized_nbytes(fp)
     meta = {"source_model": str(model if model not in (None, "default") else "default"),
             "source_folder": str(folder), "source_sha256": model_fingerprint(folder), "quant_config": config.to_dict(),

@@ -10,6 +10,7 @@ so memory does not grow with depth.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -64,14 +65,40 @@ def _swap(root: nn.Module, name: str, linear: nn.Module, qw: QuantizedWeight) ->
     set_submodule(root, name, new)
 
 
+LayerLoader = Callable[[int, nn.Module], None]
+
+
 @torch.no_grad()
-def quantize_rtn(model: nn.Module, config: QuantConfig, progress: bool = True) -> dict[str, float]:
-    """Min-max RTN of every target linear; returns ``{name: relative weight error}``."""
+def quantize_rtn(model: nn.Module, config: QuantConfig, progress: bool = True,
+                 load_layer: LayerLoader | None = None) -> dict[str, float]:
+    """Min-max RTN of every target linear; returns ``{name: relative weight error}``.
+
+    With ``load_layer(i, layer)`` (see ``qalora.quant.streaming``) the decoder layers start empty
+    and each is read just before its linears are quantized: one fp32 layer alive at a time."""
     errors = {}
-    for name, m in tqdm(check_model(model, config), desc="rtn", disable=not progress):
+    linears = check_model(model, config)
+    bar = tqdm(total=len(linears), desc="rtn", disable=not progress)
+
+    def one(name, m):
         qw = _quantize_weight(m.weight.data, config, name, None)
         errors[name] = _relative_error(m.weight.data, qw, None)
         _swap(model, name, m, qw)
+        bar.update(1)
+
+    if load_layer is not None:
+        layers = decoder_layers(model)
+        prefix = next(n for n, m in model.named_modules() if m is layers)
+        targets = {n for n, _ in linears}
+        for i, layer in enumerate(layers):
+            load_layer(i, layer)
+            for n, m in find_linears(layer, config.skip, prefix=f"{prefix}.{i}"):
+                if n in targets:
+                    one(n, m)
+                    targets.discard(n)
+        linears = [(n, m) for n, m in linears if n in targets]  # outside the decoder stack: already loaded
+    for name, m in linears:
+        one(name, m)
+    bar.close()
     return errors
 
 
@@ -174,10 +201,12 @@ def _hessians(layer: nn.Module, modules: dict[str, nn.Module], inputs: list[tupl
 
 
 @torch.no_grad()
-def quantize_gptq(model: nn.Module, config: QuantConfig, calib: torch.Tensor, progress: bool = True) -> dict[str, float]:
+def quantize_gptq(model: nn.Module, config: QuantConfig, calib: torch.Tensor, progress: bool = True,
+                  load_layer: LayerLoader | None = None) -> dict[str, float]:
     """GPTQ decoder layer by decoder layer on calibration token ids ``calib [n, T]``; returns
     ``{name: relative output error on the calibration inputs}``. Target linears outside the
-    decoder layers (rare) fall back to RTN."""
+    decoder layers (rare) fall back to RTN. With ``load_layer``, layer ``i`` is read only when
+    its turn comes (the calibration forward stops before the first, still empty, layer)."""
     targets = dict(check_model(model, config))
     layers = decoder_layers(model)
     prefix = next(n for n, m in model.named_modules() if m is layers)
@@ -185,6 +214,8 @@ def quantize_gptq(model: nn.Module, config: QuantConfig, calib: torch.Tensor, pr
     errors: dict[str, float] = {}
     bar = tqdm(total=len(targets), desc=f"gptq int{config.bits} g{config.group_size}", disable=not progress)
     for i, layer in enumerate(layers):
+        if load_layer is not None:
+            load_layer(i, layer)
         layer.float()
         linears = [(n, m) for n, m in find_linears(layer, config.skip, prefix=f"{prefix}.{i}") if n in targets]
         local = {n: n[len(f"{prefix}.{i}."):] for n, _ in linears}
@@ -209,11 +240,13 @@ def quantize_gptq(model: nn.Module, config: QuantConfig, calib: torch.Tensor, pr
 
 
 def quantize_model(model: nn.Module, config: QuantConfig, calib: torch.Tensor | None = None,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, load_layer: LayerLoader | None = None) -> dict:
     """Quantize ``model`` in place (``QuantLinear`` replaces each target ``nn.Linear``).
 
     Args:
         calib: GPTQ calibration token ids ``[n, T]`` (required for ``method="gptq"``).
+        load_layer: ``load(i, layer)`` reading decoder layer ``i`` into a model whose layers
+            start empty (``qalora.quant.streaming``); ``None`` when the model is fully loaded.
     Returns:
         a report: ``{"method", "bits", "group_size", "seconds", "layer_errors": {name: err}}``.
     """
@@ -222,9 +255,9 @@ def quantize_model(model: nn.Module, config: QuantConfig, calib: torch.Tensor | 
     if config.method == "gptq":
         if calib is None:
             raise QaloraError("method 'gptq' needs calibration token ids; pass calib=[n, T] or use method 'rtn'")
-        errors = quantize_gptq(model, config, calib, progress)
+        errors = quantize_gptq(model, config, calib, progress, load_layer)
     else:
-        errors = quantize_rtn(model, config, progress)
+        errors = quantize_rtn(model, config, progress, load_layer)
     set_kernel(model, "auto")  # calibration ran on the exact fp32 path; inference picks the fastest
     return {"method": config.method, "bits": config.bits, "group_size": config.group_size,
             "seconds": round(time.time() - t0, 2), "layer_errors": errors}
