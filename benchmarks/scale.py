@@ -23,7 +23,9 @@ embedded SmolLM2 tokenizer (copied from the converted default model, ``qalora.de
 and ``vocab_size`` is that tokenizer's length, 49,152, instead of TinyLlama's 32,000: a config
 with 32,000 rows would index past its embedding on any SmolLM2 token id above 31,999. That adds
 2 x 17,152 x 2048 = 70.3 M parameters (embedding and untied head): 1.170 B instead of 1.100 B.
-``--shape small`` is hidden 256, 4 layers, MLP 704 (2048:5632 kept), 4 heads / 2 KV heads (head
+``--shape smollm2`` is the embedded SmolLM2-135M's shape (hidden 576, 30 layers, MLP 1536, 9 heads /
+3 KV heads, tied embeddings; 134.5 M parameters): the 135M row of ``docs/SCALE.md``, measured the
+same way. ``--shape small`` is hidden 256, 4 layers, MLP 704 (2048:5632 kept), 4 heads / 2 KV heads (head
 dim 64), same vocabulary: a quick run of every stage. Weights are transformers' default random
 init (normal, std 0.02; seed 0), saved as **bf16** safetensors: that is how TinyLlama ships
 (2.2 GB), it halves the disk and the build's memory, and qalora loads every full-precision folder
@@ -74,6 +76,8 @@ SHAPES = {
                       num_key_value_heads=4),
     "small": dict(hidden_size=256, num_hidden_layers=4, intermediate_size=704, num_attention_heads=4,
                   num_key_value_heads=2),
+    "smollm2": dict(hidden_size=576, num_hidden_layers=30, intermediate_size=1536, num_attention_heads=9,
+                    num_key_value_heads=3, tie_word_embeddings=True),
 }
 
 TRAIN = ["--steps", "3", "--batch-size", "1", "--max-seq-len", "128"]
@@ -161,21 +165,23 @@ def model_config(shape: str, tokenizer):
     """The ``LlamaConfig`` of ``shape``, its vocabulary the shipped tokenizer's."""
     from transformers import LlamaConfig
 
-    dims = SHAPES[shape]
+    dims = dict(SHAPES[shape])
+    tied = dims.pop("tie_word_embeddings", False)
     return LlamaConfig(**dims, head_dim=dims["hidden_size"] // dims["num_attention_heads"], vocab_size=len(tokenizer),
-                       tie_word_embeddings=False, max_position_embeddings=2048, rms_norm_eps=1e-5,
+                       tie_word_embeddings=tied, max_position_embeddings=2048, rms_norm_eps=1e-5,
                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, hidden_act="silu",
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id, initializer_range=0.02)
 
 
 def parameter_count(shape: str, vocab: int) -> int:
-    """Weights of the model (no biases in Llama): embeddings, untied head, layers, norms."""
+    """Weights of the model (no biases in Llama): embeddings, head unless tied, layers, norms."""
     d = SHAPES[shape]
+    heads = 1 if d.get("tie_word_embeddings") else 2
     h, i, layers = d["hidden_size"], d["intermediate_size"], d["num_hidden_layers"]
     kv = d["num_key_value_heads"] * (h // d["num_attention_heads"])
     per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
-    return 2 * vocab * h + layers * per_layer + h
+    return heads * vocab * h + layers * per_layer + h
 
 
 def build_model(folder: Path, shape: str) -> None:
@@ -225,6 +231,16 @@ def parse_time_v(text: str) -> dict:
     return found
 
 
+def code_version() -> str | None:
+    """``git describe --always --dirty`` of the checkout this script runs from (None outside git)."""
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
+                             text=True, check=False, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
 def run_stage(stage: Stage, work: Path, shape: str) -> dict:
     """Run one stage in its own process; return its measurement record."""
     logs = work / "logs"
@@ -264,7 +280,7 @@ def run_stage(stage: Stage, work: Path, shape: str) -> dict:
               "baseline_rss_bytes": rec["baseline_rss_kb"] * 1024 if "baseline_rss_kb" in rec else None,
               "import_seconds": round(rec["import_seconds"], 2) if "import_seconds" in rec else None,
               "output": stage.output, "output_bytes": folder_bytes(out) if out.exists() else None,
-              "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"), "finished": time.time()}
+              "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"), "finished": time.time(), "code": code_version()}
     if result["status"] == "failed":
         tail = (logs / f"{stage.name}.log").read_text(errors="replace").splitlines()[-15:]
         result["log_tail"] = tail
@@ -296,6 +312,35 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def checkpoint_sha(folder: Path) -> str | None:
+    """The weights SHA-256 a qalora checkpoint records in its ``qalora.json`` (None if not one)."""
+    meta = folder / "qalora.json"
+    if not meta.is_file():
+        return None
+    return (json.loads(meta.read_text()).get("sha256") or {}).get("model.safetensors")
+
+
+def compare_previous(rec: dict, old: dict, out: Path, previous: Path) -> tuple[dict, bool]:
+    """After a ``--remeasure`` run: ``(record, whether the stages after it stay valid)``. A failed
+    run puts the previous output back; a checkpoint bit-identical to the previous one keeps the
+    previous finish time (what reads it need not run again) and records the previous figures."""
+    if rec["status"] != "ok":
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(previous, out)
+        return rec, False
+    same = checkpoint_sha(out) is not None and checkpoint_sha(out) == checkpoint_sha(previous)
+    shutil.rmtree(previous) if previous.is_dir() else previous.unlink()
+    rec = {**rec, "identical_to_previous": same,
+           "previous": {k: old.get(k) for k in ("command", "seconds", "peak_rss_bytes", "baseline_rss_bytes",
+                                                 "measured_at", "code")}}
+    if same and "finished" in old:
+        rec["finished"] = old["finished"]
+    print(f"[scale] {rec['stage']}: the new checkpoint is {'bit-identical to' if same else 'different from'} the "
+          "previous one" + ("; the stages after it stay valid" if same else "; the stages after it run again"),
+          flush=True)
+    return rec, same
+
+
 def parse_stages(text: str | None) -> list[Stage]:
     if not text:
         return list(STAGES)
@@ -313,6 +358,9 @@ def main() -> None:
                                                 "default: /tmp/qalora-scale-<shape>)")
     p.add_argument("--stages", default=None, help=f"comma-separated subset of: {','.join(BY_NAME)} (default: all)")
     p.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/scale-<shape>.json)")
+    p.add_argument("--remeasure", default=None,
+                   help="comma-separated stages to run again although their output exists (e.g. after a change to "
+                        "that stage's code); when the new checkpoint is bit-identical, the stages after it stay valid")
     p.add_argument("--build-into", default=None, help=argparse.SUPPRESS)  # the build stage's own process
     args = p.parse_args()
     if args.build_into:
@@ -328,6 +376,7 @@ def main() -> None:
         raise SystemExit(f"--work {work} holds a {state['shape']!r} run; use another --work for --shape {args.shape}")
 
     selected = parse_stages(args.stages)
+    remeasure = {s.name for s in parse_stages(args.remeasure)} if args.remeasure else set()
     failed: set[str] = set()
     ran: set[str] = set()  # stages run by this invocation: what reads their outputs is stale
     rows = []
@@ -338,6 +387,13 @@ def main() -> None:
     for stage in selected:
         missing = [n for n in stage.needs if not complete(BY_NAME[n], work)]
         stale = [n for n in stage.needs if n in ran or finished(n) > finished(stage.name)]
+        previous = None
+        if stage.name in remeasure and complete(stage, work) and not stale:
+            previous = work / (stage.output + ".previous")
+            shutil.rmtree(previous, ignore_errors=True)
+            os.replace(work / stage.output, previous)
+            print(f"[scale] {stage.name}: measuring again (previous output kept until the new one is compared)",
+                  flush=True)
         if complete(stage, work) and not stale:
             rec = state["stages"].get(stage.name)
             if rec and rec.get("status") == "ok":
@@ -360,6 +416,14 @@ def main() -> None:
             print(f"[scale] {stage.name}: removing {partial} ({why})", flush=True)
             shutil.rmtree(partial) if partial.is_dir() else partial.unlink()
         rec = run_stage(stage, work, args.shape)
+        if previous is not None:
+            rec, keep_downstream = compare_previous(rec, state["stages"].get(stage.name) or {}, work / stage.output,
+                                                    previous)
+            if keep_downstream:
+                rows.append(rec)
+                state["stages"][stage.name] = rec
+                mpath.write_text(json.dumps(state, indent=2) + "\n")
+                continue
         rows.append(rec)
         ran.add(stage.name)
         if rec["status"] == "ok":
@@ -373,7 +437,8 @@ def main() -> None:
     cfg = AutoConfig.from_pretrained(str(work / "fp")) if complete(BY_NAME["build"], work) else None
     vocab = cfg.vocab_size if cfg else None
     params = parameter_count(args.shape, vocab) if vocab else None
-    header = (f"shape {args.shape}: {SHAPES[args.shape]}, vocab {vocab}, untied"
+    tying = "tied" if SHAPES[args.shape].get("tie_word_embeddings") else "untied"
+    header = (f"shape {args.shape}: {SHAPES[args.shape]}, vocab {vocab}, {tying}"
               + (f"; {params:,} parameters (fp32 {params * 4 / 1e9:.2f} GB, bf16 on disk {params * 2 / 1e9:.2f} GB)"
                  if params else ""))
     print(header)

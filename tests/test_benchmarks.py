@@ -47,3 +47,57 @@ def test_scale_small_shape_runs_every_stage(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert all(r["status"] == "ok" for r in rows), rows
+
+
+def _scale_module():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import scale
+    finally:
+        sys.path.pop(0)
+    return scale
+
+
+def _fake_checkpoint(folder: Path, sha: str) -> None:
+    folder.mkdir()
+    (folder / "qalora.json").write_text(json.dumps({"sha256": {"model.safetensors": sha}}))
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_scale_remeasure_keeps_downstream_only_when_bit_identical(tmp_path, same):
+    scale = _scale_module()
+    out, previous = tmp_path / "q4", tmp_path / "q4.previous"
+    _fake_checkpoint(previous, "a" * 64)
+    _fake_checkpoint(out, "a" * 64 if same else "b" * 64)
+    old = {"seconds": 700.0, "peak_rss_bytes": 7, "finished": 123.0, "command": "old"}
+    rec, keep = scale.compare_previous({"stage": "quantize-gptq", "status": "ok", "finished": 999.0}, old, out,
+                                       previous)
+    assert keep is same and rec["identical_to_previous"] is same
+    assert rec["finished"] == (123.0 if same else 999.0)
+    assert rec["previous"]["seconds"] == 700.0 and not previous.exists() and out.is_dir()
+
+
+def test_scale_remeasure_failure_restores_previous_output(tmp_path):
+    scale = _scale_module()
+    out, previous = tmp_path / "q4", tmp_path / "q4.previous"
+    _fake_checkpoint(previous, "a" * 64)
+    out.mkdir()  # the failed run's partial output
+    rec, keep = scale.compare_previous({"stage": "quantize-rtn", "status": "failed"}, {}, out, previous)
+    assert not keep and rec["status"] == "failed"
+    assert scale.checkpoint_sha(out) == "a" * 64 and not previous.exists()
+
+
+def test_scale_model_counts_match_the_built_shapes():
+    """The extrapolation's parameter counts are scale.py's (and SmolLM2-135M's 134,515,008)."""
+    scale = _scale_module()
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import scale_model
+    finally:
+        sys.path.pop(0)
+    for key, shape in scale_model.MEASURED.items():
+        assert shape.parameters == scale.parameter_count(key, shape.vocab)
+    assert scale_model.MEASURED["smollm2"].parameters == 134_515_008
+    llama7 = scale_model.TARGETS[0]
+    assert llama7.parameters == 6_738_415_616  # Llama-2-7B's published count
+    assert scale_model.packed_bytes(llama7, 4, 32) == llama7.weights * 0.75
