@@ -119,3 +119,25 @@ def test_wrong_shape_in_folder_refused(tmp_path, tiny_tok):
     model, _, _, load_layer = load_fp_skeleton(folder)
     with pytest.raises(QaloraError, match=r"model.layers.0.mlp.gate_proj.weight' has shape \(128, 64\)"):
         load_layer(0, decoder_layers(model)[0])
+
+
+def test_reader_matches_safetensors_for_every_dtype(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    tensors = {"bf16": torch.randn(3, 5).bfloat16(), "f16": torch.randn(7).half(), "f64": torch.randn(2, 2).double(),
+               "i64": torch.arange(6).reshape(2, 3), "u8": torch.randint(0, 255, (4, 4), dtype=torch.uint8),
+               "bool": torch.rand(5) > 0.5, "empty": torch.zeros(0, 4)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    source = TensorSource(tmp_path)
+    for name, t in tensors.items():
+        got = source.get(name, t.dtype if t.is_floating_point() else torch.float32)
+        assert got.dtype == t.dtype and torch.equal(got, t), name
+    assert torch.equal(source.get("bf16"), tensors["bf16"].float())  # floating tensors convert on request
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[:-8])
+    with pytest.raises(QaloraError, match="lies outside the file"):
+        TensorSource(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\xff" * 8 + data[8:])
+    with pytest.raises(QaloraError, match="not a readable safetensors file"):
+        TensorSource(tmp_path)

@@ -78,6 +78,9 @@ def quantize_rtn(model: nn.Module, config: QuantConfig, progress: bool = True,
     errors = {}
     linears = check_model(model, config)
     bar = tqdm(total=len(linears), desc="rtn", disable=not progress)
+    if load_layer is not None:  # hold names only: a module reference would keep its fp32 weight alive
+        names = [n for n, _ in linears]
+        linears = None
 
     def one(name, m):
         qw = _quantize_weight(m.weight.data, config, name, None)
@@ -88,14 +91,15 @@ def quantize_rtn(model: nn.Module, config: QuantConfig, progress: bool = True,
     if load_layer is not None:
         layers = decoder_layers(model)
         prefix = next(n for n, m in model.named_modules() if m is layers)
-        targets = {n for n, _ in linears}
+        targets = set(names)
         for i, layer in enumerate(layers):
             load_layer(i, layer)
             for n, m in find_linears(layer, config.skip, prefix=f"{prefix}.{i}"):
                 if n in targets:
                     one(n, m)
                     targets.discard(n)
-        linears = [(n, m) for n, m in linears if n in targets]  # outside the decoder stack: already loaded
+            m = None  # noqa: F841  (the last fp32 linear of this layer is not kept alive)
+        linears = [(n, model.get_submodule(n)) for n in names if n in targets]  # outside the stack: loaded
     for name, m in linears:
         one(name, m)
     bar.close()
@@ -207,7 +211,7 @@ def quantize_gptq(model: nn.Module, config: QuantConfig, calib: torch.Tensor, pr
     ``{name: relative output error on the calibration inputs}``. Target linears outside the
     decoder layers (rare) fall back to RTN. With ``load_layer``, layer ``i`` is read only when
     its turn comes (the calibration forward stops before the first, still empty, layer)."""
-    targets = dict(check_model(model, config))
+    targets = {n: None for n, _ in check_model(model, config)}  # names: a module kept here would keep its weight
     layers = decoder_layers(model)
     prefix = next(n for n, m in model.named_modules() if m is layers)
     inputs = capture_layer_inputs(model, layers[0], calib, config.calib_batch_size, progress)
@@ -230,9 +234,11 @@ def quantize_gptq(model: nn.Module, config: QuantConfig, calib: torch.Tensor, pr
                 targets.pop(n)
                 bar.update(1)
         inputs = [(_layer_out(layer, x, kw), kw) for x, kw in inputs]
+        linears = modules = w = None  # noqa: F841  (no fp32 weight of this layer outlives it)
     bar.close()
     if targets:  # linears outside the decoder stack
-        for n, m in targets.items():
+        for n in list(targets):
+            m = model.get_submodule(n)
             qw = _quantize_weight(m.weight.data, config, n, None)
             errors[n] = _relative_error(m.weight.data, qw, None)
             _swap(model, n, m, qw)
