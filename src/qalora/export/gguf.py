@@ -269,9 +269,9 @@ def _write(writer: gguf.GGUFWriter, weights: Path, out: Path, config, arch: GGUF
     arguments after the writer), then write header, metadata, tensor infos and each tensor as it
     is converted, into a temporary file beside ``out`` renamed to ``out`` only when complete.
     Returns ``(plan, tokenizer report, {gguf name: type, source, max abs error})``."""
-    from safetensors import safe_open
+    from qalora.safetensors_file import SafetensorsFile
 
-    with safe_open(str(weights), framework="pt") as f:
+    with SafetensorsFile(weights) as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in list(f.keys())}
         plan = plan_tensors(shapes, layers, config, fallback, arch)
         embd = next(p for p in plan if p.name == "token_embd.weight")

@@ -295,7 +295,7 @@ def export_mlx(model_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: s
         block, per-layer overrides, files, notes, and the max abs weight error of storing
         scale/offset in ``dtype`` (overall, relative to each layer's max |w|, and per layer).
     """
-    from safetensors import safe_open
+    from qalora.safetensors_file import SafetensorsFile
     from safetensors.torch import save_file
 
     start = time.perf_counter()
@@ -312,7 +312,7 @@ def export_mlx(model_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: s
     config, notes = mlx_config(raw, quantization, overrides, untie, dtype)
     weights = check_weights(model_dir, meta)  # the recorded SHA-256, always
 
-    with safe_open(str(weights), framework="pt") as f:
+    with SafetensorsFile(weights) as f:
         shapes = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
         plan = plan_tensors(shapes, layers, torch_dtype.itemsize)
         names = {t.name for t in plan}

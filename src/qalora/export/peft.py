@@ -218,7 +218,7 @@ def export_dense_base(model_dir: str | os.PathLike, out: str | os.PathLike, *, p
     reference kernel weights), tokenizer and generation files, and ``export_info.json``
     (``source_sha256``: the checkpoint's recorded weights SHA-256, checked here first).
     Memory: one tensor at a time. Size: 32 bits per weight."""
-    from safetensors import safe_open
+    from qalora.safetensors_file import SafetensorsFile
     from tqdm.auto import tqdm
     from transformers import AutoConfig
 
@@ -235,7 +235,7 @@ def export_dense_base(model_dir: str | os.PathLike, out: str | os.PathLike, *, p
     config.dtype = torch.float32
     if getattr(config, "tie_word_embeddings", False) and "lm_head" in layers:
         config.tie_word_embeddings = False  # a quantized lm_head has its own weights
-    with safe_open(str(weights), framework="pt") as reader, atomic_dir(out) as tmp:
+    with SafetensorsFile(weights) as reader, atomic_dir(out) as tmp:
         plan = dense_plan(reader, layers)
         with open(tmp / DENSE_WEIGHTS, "wb") as f:
             f.write(_st_header(plan))

@@ -128,7 +128,7 @@ def _set_tensor(model, name: str, tensor: torch.Tensor) -> None:
 def build_model(reader, layers: dict[str, dict], config, progress: bool = True, layout: str = DEFAULT_LAYOUT,
                 capability: str | None = None):
     """The transformers model with torchao weights in ``layout`` (``capability``: the packed layout's
-    CPU), read tensor by tensor from ``reader`` (a ``safe_open`` handle on the checkpoint's weights).
+    CPU), read tensor by tensor from ``reader`` (a ``SafetensorsFile`` on the checkpoint's weights).
 
     Returns ``(model, errors)``: ``errors[layer] = {"max_abs_error", "max_abs_weight"}``.
     """
@@ -260,7 +260,7 @@ def export_torchao(model_dir: str | os.PathLike, out: str | os.PathLike, *, layo
     start = time.perf_counter()
     _torchao()  # refuse early when torchao is missing; it and transformers' torchao glue import quietly
     import_transformers()
-    from safetensors import safe_open
+    from qalora.safetensors_file import SafetensorsFile
     from transformers import AutoConfig, GenerationConfig
     from transformers.quantizers.quantizer_torchao import TorchAoHfQuantizer
 
@@ -280,7 +280,7 @@ def export_torchao(model_dir: str | os.PathLike, out: str | os.PathLike, *, layo
         raise QaloraError(why)
     config = AutoConfig.from_pretrained(model_dir)
 
-    with safe_open(str(weights), framework="pt") as reader:
+    with SafetensorsFile(weights) as reader:
         model, errors = build_model(reader, meta["layers"], config, progress, lay.name, capability)
     qconfig = torchao_config(model, meta["layers"], bits, group_size, lay.name)
     record = _layout_record(lay, bits, group_size, capability)

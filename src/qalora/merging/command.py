@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from qalora.safetensors_file import SafetensorsFile
 from torch import nn
 
 from qalora.adapters.format import adapter_sha256, attach, check_base, read_adapter
@@ -56,7 +56,7 @@ def changes_report(merged: nn.Module, names: list[str], weights_file: Path, allo
     than one step, or a scale that is not positive. Returns counts of what changed."""
     n_codes = moved = n_scales = scales_moved = 0
     max_rel_scale = max_offset = 0.0
-    with safe_open(str(weights_file), framework="pt") as f:
+    with SafetensorsFile(weights_file) as f:
         for n in names:
             m = merged.get_submodule(n)
             qw, scale, offset = (f.get_tensor(f"{n}.{b}") for b in ("qweight", "scale", "offset"))

@@ -21,7 +21,6 @@ without safetensors (``pytorch_model.bin``) has no per-tensor access; it is load
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -30,45 +29,10 @@ from torch import nn
 
 from qalora.errors import QaloraError
 from qalora.io import read_json
+from qalora.safetensors_file import SafetensorsFile
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-
-
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool}
-
-
-def read_header(path: Path) -> tuple[int, dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]]:
-    """``(data start, {name: (dtype, shape, begin, end)})`` of a safetensors file, every entry
-    checked against the file's size (a truncated or foreign file is refused in one line)."""
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if not 0 < n <= size - 8:
-                raise ValueError(f"header length {n}")
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise QaloraError(f"model weights {str(path)!r} are not a readable safetensors file ({e})") from None
-    start, table = 8 + n, {}
-    for name, spec in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (begin, end) = DTYPES[spec["dtype"]], tuple(int(d) for d in spec["shape"]), spec["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise QaloraError(f"tensor {name!r} in {str(path)!r} has an entry this reader does not take "
-                              f"(dtypes {', '.join(DTYPES)})") from None
-        numel = 1
-        for d in shape:
-            numel *= d
-        if end - begin != numel * dtype.itemsize or begin < 0 or start + end > size:
-            raise QaloraError(f"tensor {name!r} in {str(path)!r} lies outside the file or has the wrong size "
-                              "(a truncated download?)")
-        table[name] = (dtype, shape, start + begin, start + end)
-    return start, table
 
 
 class TensorSource:
@@ -89,15 +53,16 @@ class TensorSource:
             files, weight_map = [SINGLE], None
         else:
             raise QaloraError(f"model folder {str(self.folder)!r} has neither {SINGLE} nor {INDEX}")
-        self._where: dict[str, tuple[Path, torch.dtype, tuple[int, ...], int, int]] = {}
+        self._where: dict[str, SafetensorsFile] = {}
         for f in files:
             path = self.folder / f
             if not path.is_file():
                 raise QaloraError(f"safetensors shard {str(path)!r} named in {INDEX} is missing")
-            for name, (dtype, shape, begin, end) in read_header(path)[1].items():
-                self._where[name] = (path, dtype, shape, begin, end)
+            shard = SafetensorsFile(path)
+            for name in shard.keys():
+                self._where[name] = shard
         if weight_map is not None:
-            lost = [n for n, f in weight_map.items() if n not in self._where or self._where[n][0].name != f]
+            lost = [n for n, f in weight_map.items() if n not in self._where or self._where[n].path.name != f]
             if lost:
                 raise QaloraError(f"tensor {lost[0]!r} is not in the shard {weight_map[lost[0]]!r} that {INDEX} names")
 
@@ -108,13 +73,7 @@ class TensorSource:
         """Tensor ``name`` as ``dtype`` (floating tensors; others keep theirs), in its own memory."""
         if name not in self._where:
             raise QaloraError(f"model folder {str(self.folder)!r} has no tensor {name!r}")
-        path, stored, shape, begin, end = self._where[name]
-        buf = bytearray(end - begin)
-        with open(path, "rb") as f:
-            f.seek(begin)
-            if f.readinto(buf) != len(buf):
-                raise QaloraError(f"tensor {name!r} in {str(path)!r} is cut short (the file changed while reading)")
-        t = torch.frombuffer(buf, dtype=stored).reshape(shape) if buf else torch.empty(shape, dtype=stored)
+        t = self._where[name].get_tensor(name)
         return t.to(dtype) if t.is_floating_point() else t
 
 
