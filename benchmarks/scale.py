@@ -313,11 +313,21 @@ def format_table(rows: list[dict]) -> str:
 
 
 def checkpoint_sha(folder: Path) -> str | None:
-    """The weights SHA-256 a qalora checkpoint records in its ``qalora.json`` (None if not one)."""
+    """The SHA-256 of a stage's weights: the one a qalora checkpoint records in ``qalora.json``,
+    or that of an adapter folder's ``adapter.safetensors``; None for other outputs."""
     meta = folder / "qalora.json"
-    if not meta.is_file():
-        return None
-    return (json.loads(meta.read_text()).get("sha256") or {}).get("model.safetensors")
+    if meta.is_file():
+        return (json.loads(meta.read_text()).get("sha256") or {}).get("model.safetensors")
+    adapter = folder / "adapter.safetensors"
+    if adapter.is_file():
+        import hashlib
+
+        h = hashlib.sha256()
+        with open(adapter, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+        return h.hexdigest()
+    return None
 
 
 def compare_previous(rec: dict, old: dict, out: Path, previous: Path) -> tuple[dict, bool]:

@@ -101,3 +101,12 @@ def test_scale_model_counts_match_the_built_shapes():
     llama7 = scale_model.TARGETS[0]
     assert llama7.parameters == 6_738_415_616  # Llama-2-7B's published count
     assert scale_model.packed_bytes(llama7, 4, 32) == llama7.weights * 0.75
+
+
+def test_scale_output_sha_of_an_adapter_folder(tmp_path):
+    import hashlib
+
+    scale = _scale_module()
+    (tmp_path / "adapter.safetensors").write_bytes(b"weights")
+    assert scale.checkpoint_sha(tmp_path) == hashlib.sha256(b"weights").hexdigest()
+    assert scale.checkpoint_sha(tmp_path / "missing") is None
