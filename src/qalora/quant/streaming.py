@@ -128,9 +128,24 @@ def skeleton(folder: str | os.PathLike, dtype: torch.dtype = torch.float32):
     return model.eval(), source, prefix
 
 
+def release_freed_memory() -> None:
+    """Hand the allocator's freed pages back to the system (glibc's ``malloc_trim``; a no-op
+    elsewhere). Freed fp32 layers sit between long-lived packed tensors on the heap, and without
+    this the heap keeps their pages: on the embedded model the peak is 0.84 GB without, 0.69 GB
+    with."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def layer_loader(source: TensorSource, prefix: str, dtype: torch.dtype = torch.float32):
-    """``load(i, layer)``: read decoder layer ``i``'s tensors from ``source`` into ``layer``."""
+    """``load(i, layer)``: read decoder layer ``i``'s tensors from ``source`` into ``layer``
+    (after returning the previous layer's freed memory to the system)."""
     def load(i: int, layer: nn.Module) -> None:
+        release_freed_memory()
         fill(layer, f"{prefix}.{i}.", source, dtype)
     return load
 
