@@ -16,13 +16,13 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qalora.errors import QaloraError
 from qalora.io import atomic_dir, is_sha256, read_json, sha256_file, write_json
 from qalora.nn.quant_linear import QuantLinear
-from qalora.safetensors_file import load_tensors
 from qalora.patch import set_submodule
 
 FORMAT = "qalora"
@@ -132,7 +132,10 @@ def check_weights(path: str | os.PathLike, meta: dict) -> Path:
 
 def _read_weights(path: Path, meta: dict) -> dict[str, torch.Tensor]:
     wf = check_weights(path, meta)
-    return load_tensors(wf)  # plain reads: a memory map would count the file as resident twice
+    try:  # memory-mapped: pages are read when first touched (rows of a large embedding never are)
+        return load_file(str(wf))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise QaloraError(f"checkpoint weights {str(wf)!r} are corrupt ({e})") from None
 
 
 def load(path: str | os.PathLike, kernel: str = "auto", device: str | torch.device = "cpu"):

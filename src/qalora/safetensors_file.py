@@ -1,9 +1,11 @@
 """Read safetensors files with plain file reads, one tensor at a time.
 
 ``safetensors.safe_open`` memory-maps the file: every page a read touches stays counted in the
-process's resident memory until the file is closed, so reading a 1.5 GB checkpoint tensor by
-tensor looks like holding 1.5 GB more than the process does. This reader seeks and reads each
-tensor into its own buffer instead. Layout: an 8-byte little-endian header length, a JSON header
+process's resident memory until the file is closed, so a pass over a 1.5 GB checkpoint tensor by
+tensor (quantize's source, an export, the merge's comparison) holds 1.5 GB more than it uses.
+This reader seeks and reads each tensor into its own buffer instead, freed when the tensor is.
+(A whole-model load keeps ``load_file``'s map: there every tensor stays alive anyway, and pages
+never touched, such as embedding rows no token uses, are never read.) Layout: an 8-byte little-endian header length, a JSON header
 ``{name: {"dtype", "shape", "data_offsets": [begin, end]}}`` (offsets from the end of the header),
 then the data. Every entry is checked against the file's size when the file is opened.
 """
