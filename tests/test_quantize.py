@@ -98,6 +98,10 @@ def test_save_load_roundtrip_and_generate(tmp_path, tiny_model, tiny_tok, bits):
     assert json.loads((tmp_path / "q" / "qalora.json").read_text())["sha256"] == meta["sha256"]
     loaded = load(tmp_path / "q")
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # tied weights stored once, re-tied
+    read = load(tmp_path / "q", mapped=False)  # every tensor read into its own memory: the same model
+    assert read.lm_head.weight is read.model.embed_tokens.weight
+    for (k, a), (k2, b) in zip(loaded.state_dict().items(), read.state_dict().items()):
+        assert k == k2 and a.dtype == b.dtype and torch.equal(a, b), k
     for name, m in quant_layers(tiny_model).items():
         l2 = loaded.get_submodule(name)
         assert isinstance(l2, QuantLinear) and torch.equal(l2.qweight, m.qweight) and torch.equal(l2.offset, m.offset)

@@ -23,6 +23,7 @@ from torch import nn
 from qalora.errors import QaloraError
 from qalora.io import atomic_dir, is_sha256, read_json, sha256_file, write_json
 from qalora.nn.quant_linear import QuantLinear
+from qalora.safetensors_file import load_tensors
 from qalora.patch import set_submodule
 
 FORMAT = "qalora"
@@ -130,28 +131,34 @@ def check_weights(path: str | os.PathLike, meta: dict) -> Path:
     return wf
 
 
-def _read_weights(path: Path, meta: dict) -> dict[str, torch.Tensor]:
+def _read_weights(path: Path, meta: dict, mapped: bool = True) -> dict[str, torch.Tensor]:
     wf = check_weights(path, meta)
+    if not mapped:
+        return load_tensors(wf)
     try:  # memory-mapped: pages are read when first touched (rows of a large embedding never are)
         return load_file(str(wf))
     except (SafetensorError, OSError, ValueError) as e:
         raise QaloraError(f"checkpoint weights {str(wf)!r} are corrupt ({e})") from None
 
 
-def load(path: str | os.PathLike, kernel: str = "auto", device: str | torch.device = "cpu"):
+def load(path: str | os.PathLike, kernel: str = "auto", device: str | torch.device = "cpu", mapped: bool = True):
     """Load a qalora checkpoint as a plain transformers ``PreTrainedModel`` (eval mode) whose
     quantized linears are ``QuantLinear``; ``generate()`` works on it.
 
     The model skeleton is built with empty (meta) parameters, so no full-precision copy of the
     quantized weights is ever materialised; buffers computed at init (rotary tables) are real.
-    The weights file is checked against its recorded SHA-256 first.
+    The weights file is checked against its recorded SHA-256 first. ``mapped`` keeps the file
+    memory-mapped (pages read when first touched: the cheaper choice when tensors stay as they
+    are); ``mapped=False`` reads every tensor into its own memory, the cheaper choice when the
+    caller replaces tensors (the merge's fp64 checks), since a map stays resident while any
+    tensor still points into it.
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     path = Path(path)
     meta = read_meta(path)
-    state = _read_weights(path, meta)
+    state = _read_weights(path, meta, mapped)
     config = AutoConfig.from_pretrained(path)
     dtype = next((t.dtype for n, t in state.items() if t.is_floating_point() and n.endswith("norm.weight")), torch.float32)
     with init_empty_weights(include_buffers=False):

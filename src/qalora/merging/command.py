@@ -133,7 +133,7 @@ def merge(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out: str
     _check_compatible(cfg, meta, adir, model_dir)
 
     tokenizer = load_tokenizer(model_dir)
-    unmerged = load(model_dir, kernel="auto")
+    unmerged = load(model_dir, kernel="auto", mapped=False)  # its floats are swapped for fp64 and back
     attach(unmerged, cfg, tensors)
     unmerged.eval()
     merged = shared_copy(unmerged)
