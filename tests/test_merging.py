@@ -410,3 +410,29 @@ def test_corrupt_adapters_are_refused(files, tmp_path):
     (bad / "adapter_config.json").write_text(json.dumps({**cfg, "format_version": 1}))
     with pytest.raises(QaloraError, match="has format_version 1; this qalora reads version 2"):
         read_adapter(bad)
+
+
+def test_on_kernel_drops_only_the_repacked_weights_it_built():
+    """After a verification pass on the int4 kernel no layer keeps its int4 layout (the merge would
+    otherwise hold two models' worth of it), and a layer that had one before keeps it."""
+    from qalora.merging.verify import on_kernel
+    from qalora.patch import quant_layers
+
+    model = tiny_llama()
+    quantize_model(model, QuantConfig(bits=4, group_size=32, method="rtn"), progress=False)
+    layers = list(quant_layers(model).values())
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    keep = layers[0]
+    set_kernel(model, "int4")
+    with torch.no_grad():
+        model(ids)
+    if not keep.has_kernel_state("int4"):
+        pytest.skip("the int4 kernel does not run on this machine")
+    for q in layers[1:]:
+        q.drop_kernel_state()
+    set_kernel(model, "reference")
+    with on_kernel("int4", model), torch.no_grad():
+        model(ids)
+        assert all(q.has_kernel_state("int4") for q in layers)
+    assert keep.has_kernel_state("int4") and not any(q.has_kernel_state("int4") for q in layers[1:])
+    assert all(q.kernel == "reference" for q in layers)

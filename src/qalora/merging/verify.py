@@ -51,8 +51,10 @@ VERIFY_KERNELS = {"reference": "fp32", "int4": "bf16"}
 @contextlib.contextmanager
 def on_kernel(kernel: str, *models: nn.Module):
     """``models`` in eval mode with every ``QuantLinear`` on ``kernel`` inside the block; each
-    layer's kernel and each model's train/eval mode are restored afterwards."""
-    saved = [(q, q.kernel) for m in models for q in quant_layers(m).values()]
+    layer's kernel and each model's train/eval mode are restored afterwards, and repacked weights
+    a layer built for ``kernel`` inside the block are dropped (the int4 layout of two whole models
+    would otherwise stay alive through the rest of the merge)."""
+    saved = [(q, q.kernel, q.has_kernel_state(kernel)) for m in models for q in quant_layers(m).values()]
     modes = [(m, m.training) for m in models]
     try:
         for m in models:
@@ -60,8 +62,10 @@ def on_kernel(kernel: str, *models: nn.Module):
             set_kernel(m, kernel)
         yield
     finally:
-        for q, k in saved:
+        for q, k, had in saved:
             q.kernel = k
+            if not had:
+                q.drop_kernel_state(kernel)
         for m, training in modes:
             m.train(training)
 

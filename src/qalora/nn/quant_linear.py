@@ -76,6 +76,17 @@ class QuantLinear(nn.Module):
             self._kernel_state[kernel.name] = cached
         return cached[1]
 
+    def has_kernel_state(self, kernel: str) -> bool:
+        """Whether repacked weights for ``kernel`` are cached on this layer."""
+        return kernel in self._kernel_state
+
+    def drop_kernel_state(self, kernel: str | None = None) -> None:
+        """Forget the repacked weights of ``kernel`` (all kernels when ``None``); rebuilt on next use."""
+        if kernel is None:
+            self._kernel_state.clear()
+        else:
+            self._kernel_state.pop(kernel, None)
+
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``[out, in]`` dense ``scale * q + offset`` (one layer, for backward or inspection)."""
         return dequantized_weight(self, dtype)
