@@ -395,3 +395,29 @@ def test_wall_time_counts_every_adapters_training_once():
     builds_and_evals = sum(r["build_seconds"] + r["eval_seconds"] for r in summary["rows"])
     assert s["total"] > builds_and_evals + 300  # LoRA's training (366 s) ran before the recorded call
     assert f"Build + evaluation time of all rows: {s['total'] / 3600:.1f} h" in results_markdown(summary, "cmd")
+
+
+def _scale_doc():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import scale_doc
+    finally:
+        sys.path.pop(0)
+    return scale_doc
+
+
+def test_scale_md_is_what_scale_doc_writes():
+    """docs/SCALE.md is rendered from the two committed scale runs; a changed figure in either
+    JSON changes the text."""
+    doc = _scale_doc()
+    runs = doc.load_runs()
+    prose = (ROOT / "benchmarks" / "scale_doc.md").read_text()
+    md = (ROOT / "docs" / "SCALE.md").read_text()
+    assert md == doc.render(runs, prose), "docs/SCALE.md is stale: run python benchmarks/scale_doc.py"
+    for key in ("smollm2", "tinyllama"):
+        assert all(r["status"] in ("ok", "reused") for r in runs[key]["data"]["rows"]), f"{key}: a stage did not finish"
+        assert all(r["peak_rss_bytes"] < 24 * 2**30 for r in runs[key]["data"]["rows"]), f"{key}: over 24 GiB"
+    runs["tinyllama"]["rows"]["merge"]["peak_rss_bytes"] += 10**7
+    assert doc.render(runs, prose) != md
