@@ -68,6 +68,26 @@ def _swap(root: nn.Module, name: str, linear: nn.Module, qw: QuantizedWeight) ->
 LayerLoader = Callable[[int, nn.Module], None]
 
 
+def _target_names(model: nn.Module, config: QuantConfig) -> list[str]:
+    """The names of the layers to quantize, checked. Names, not modules: a module reference held
+    through the run would keep its fp32 weight alive after the swap."""
+    return [n for n, _ in check_model(model, config)]
+
+
+def _rtn_one(model: nn.Module, name: str, config: QuantConfig, errors: dict[str, float]) -> None:
+    """RTN of the linear ``name`` of ``model``, swapped for its ``QuantLinear``; its error recorded."""
+    m = model.get_submodule(name)
+    qw = _quantize_weight(m.weight.data, config, name, None)
+    errors[name] = _relative_error(m.weight.data, qw, None)
+    _swap(model, name, m, qw)
+
+
+def _stack(model: nn.Module) -> tuple[nn.ModuleList, str]:
+    """The decoder layers and their qualified name (``model.layers``)."""
+    layers = decoder_layers(model)
+    return layers, next(n for n, m in model.named_modules() if m is layers)
+
+
 @torch.no_grad()
 def quantize_rtn(model: nn.Module, config: QuantConfig, progress: bool = True,
                  load_layer: LayerLoader | None = None) -> dict[str, float]:
@@ -75,34 +95,21 @@ def quantize_rtn(model: nn.Module, config: QuantConfig, progress: bool = True,
 
     With ``load_layer(i, layer)`` (see ``qalora.quant.streaming``) the decoder layers start empty
     and each is read just before its linears are quantized: one fp32 layer alive at a time."""
-    errors = {}
-    linears = check_model(model, config)
-    bar = tqdm(total=len(linears), desc="rtn", disable=not progress)
-    if load_layer is not None:  # hold names only: a module reference would keep its fp32 weight alive
-        names = [n for n, _ in linears]
-        linears = None
-
-    def one(name, m):
-        qw = _quantize_weight(m.weight.data, config, name, None)
-        errors[name] = _relative_error(m.weight.data, qw, None)
-        _swap(model, name, m, qw)
-        bar.update(1)
-
-    if load_layer is not None:
-        layers = decoder_layers(model)
-        prefix = next(n for n, m in model.named_modules() if m is layers)
-        targets = set(names)
-        for i, layer in enumerate(layers):
-            load_layer(i, layer)
-            for n, m in find_linears(layer, config.skip, prefix=f"{prefix}.{i}"):
-                if n in targets:
-                    one(n, m)
-                    targets.discard(n)
-            m = None  # noqa: F841  (the last fp32 linear of this layer is not kept alive)
-        linears = [(n, model.get_submodule(n)) for n in names if n in targets]  # outside the stack: loaded
-    for name, m in linears:
-        one(name, m)
-    bar.close()
+    names = _target_names(model, config)
+    errors: dict[str, float] = {}
+    with tqdm(total=len(names), desc="rtn", disable=not progress) as bar:
+        if load_layer is not None:
+            layers, prefix = _stack(model)
+            for i, layer in enumerate(layers):
+                load_layer(i, layer)
+                for n in names:
+                    if n.startswith(f"{prefix}.{i}."):
+                        _rtn_one(model, n, config, errors)
+                        bar.update(1)
+        for n in names:
+            if n not in errors:  # all of them when fully loaded; else the linears outside the stack
+                _rtn_one(model, n, config, errors)
+                bar.update(1)
     return errors
 
 
@@ -204,6 +211,26 @@ def _hessians(layer: nn.Module, modules: dict[str, nn.Module], inputs: list[tupl
     return {n: accs[owner[n]].hessian for n in modules}
 
 
+def _gptq_layer(layer: nn.Module, prefix: str, targets: set[str], inputs: list[tuple[torch.Tensor, dict]],
+                config: QuantConfig, errors: dict[str, float], bar) -> list[tuple[torch.Tensor, dict]]:
+    """GPTQ of the target linears of one decoder layer (qualified names start with ``prefix.``),
+    in call order when ``config.true_sequential``; returns the layer's quantized outputs, the next
+    layer's inputs. Its fp32 weights are referenced only in here."""
+    layer.float()
+    linears = [(n, m) for n, m in find_linears(layer, config.skip, prefix=prefix) if n in targets]
+    local = {n: n[len(prefix) + 1:] for n, _ in linears}
+    groups = _call_groups(layer, linears, *inputs[0]) if config.true_sequential else [[n for n, _ in linears]]
+    for group in groups:
+        modules = {n: layer.get_submodule(local[n]) for n in group}
+        for n, h in _hessians(layer, modules, inputs).items():
+            w = modules[n].weight.data
+            qw = _quantize_weight(w, config, n, h)
+            errors[n] = _relative_error(w, qw, h)
+            _swap(layer, local[n], modules[n], qw)
+            bar.update(1)
+    return [(_layer_out(layer, x, kw), kw) for x, kw in inputs]
+
+
 @torch.no_grad()
 def quantize_gptq(model: nn.Module, config: QuantConfig, calib: torch.Tensor, progress: bool = True,
                   load_layer: LayerLoader | None = None) -> dict[str, float]:
@@ -211,37 +238,19 @@ def quantize_gptq(model: nn.Module, config: QuantConfig, calib: torch.Tensor, pr
     ``{name: relative output error on the calibration inputs}``. Target linears outside the
     decoder layers (rare) fall back to RTN. With ``load_layer``, layer ``i`` is read only when
     its turn comes (the calibration forward stops before the first, still empty, layer)."""
-    targets = {n: None for n, _ in check_model(model, config)}  # names: a module kept here would keep its weight
-    layers = decoder_layers(model)
-    prefix = next(n for n, m in model.named_modules() if m is layers)
+    names = _target_names(model, config)
+    wanted = set(names)
+    layers, prefix = _stack(model)
     inputs = capture_layer_inputs(model, layers[0], calib, config.calib_batch_size, progress)
     errors: dict[str, float] = {}
-    bar = tqdm(total=len(targets), desc=f"gptq int{config.bits} g{config.group_size}", disable=not progress)
-    for i, layer in enumerate(layers):
-        if load_layer is not None:
-            load_layer(i, layer)
-        layer.float()
-        linears = [(n, m) for n, m in find_linears(layer, config.skip, prefix=f"{prefix}.{i}") if n in targets]
-        local = {n: n[len(f"{prefix}.{i}."):] for n, _ in linears}
-        groups = _call_groups(layer, linears, *inputs[0]) if config.true_sequential else [[n for n, _ in linears]]
-        for group in groups:
-            modules = {n: layer.get_submodule(local[n]) for n in group}
-            for n, h in _hessians(layer, modules, inputs).items():
-                w = modules[n].weight.data
-                qw = _quantize_weight(w, config, n, h)
-                errors[n] = _relative_error(w, qw, h)
-                _swap(layer, local[n], modules[n], qw)
-                targets.pop(n)
-                bar.update(1)
-        inputs = [(_layer_out(layer, x, kw), kw) for x, kw in inputs]
-        linears = modules = w = None  # noqa: F841  (no fp32 weight of this layer outlives it)
-    bar.close()
-    if targets:  # linears outside the decoder stack
-        for n in list(targets):
-            m = model.get_submodule(n)
-            qw = _quantize_weight(m.weight.data, config, n, None)
-            errors[n] = _relative_error(m.weight.data, qw, None)
-            _swap(model, n, m, qw)
+    with tqdm(total=len(names), desc=f"gptq int{config.bits} g{config.group_size}", disable=not progress) as bar:
+        for i, layer in enumerate(layers):
+            if load_layer is not None:
+                load_layer(i, layer)
+            inputs = _gptq_layer(layer, f"{prefix}.{i}", wanted, inputs, config, errors, bar)
+    for n in names:
+        if n not in errors:  # linears outside the decoder stack
+            _rtn_one(model, n, config, errors)
     return errors
 
 
