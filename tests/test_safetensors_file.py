@@ -24,3 +24,18 @@ def test_reader_equals_safetensors(tmp_path):
         assert f.get_slice("b").get_dtype() == "BF16" and f.get_slice("a.qweight").get_shape() == [4, 3]
         with pytest.raises(QaloraError, match="has no tensor 'c'"):
             f.get_tensor("c")
+
+
+def test_written_header_reads_back_in_safetensors(tmp_path):
+    from qalora.safetensors_file import header_bytes
+
+    tensors = {"a": torch.randn(3, 4), "b": torch.arange(5, dtype=torch.int64), "c": torch.randn(2).half()}
+    path = tmp_path / "w.safetensors"
+    with open(path, "wb") as f:
+        f.write(header_bytes([(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]))
+        for t in tensors.values():
+            f.write(t.numpy().tobytes())
+    got = load_file(str(path))
+    assert all(torch.equal(got[k], t) for k, t in tensors.items())
+    with pytest.raises(QaloraError, match="which the dense base writer does not store"):
+        header_bytes([("x", torch.complex64, (2,))], "the dense base writer")

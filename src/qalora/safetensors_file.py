@@ -1,13 +1,17 @@
-"""Read safetensors files with plain file reads, one tensor at a time.
+"""The safetensors layout, read and written without a memory map, one tensor at a time.
+
+Layout: an 8-byte little-endian header length, a JSON header
+``{name: {"dtype", "shape", "data_offsets": [begin, end]}}`` (offsets from the end of the header),
+then the data.
 
 ``safetensors.safe_open`` memory-maps the file: every page a read touches stays counted in the
 process's resident memory until the file is closed, so a pass over a 1.5 GB checkpoint tensor by
 tensor (quantize's source, an export, the merge's comparison) holds 1.5 GB more than it uses.
-This reader seeks and reads each tensor into its own buffer instead, freed when the tensor is.
-(A whole-model load keeps ``load_file``'s map: there every tensor stays alive anyway, and pages
-never touched, such as embedding rows no token uses, are never read.) Layout: an 8-byte little-endian header length, a JSON header
-``{name: {"dtype", "shape", "data_offsets": [begin, end]}}`` (offsets from the end of the header),
-then the data. Every entry is checked against the file's size when the file is opened.
+:class:`SafetensorsFile` seeks and reads each tensor into its own buffer instead, freed when the
+tensor is, after checking every header entry against the file's size. (A whole-model load keeps
+``load_file``'s map: there every tensor stays alive anyway, and pages never touched, such as
+embedding rows no token uses, are never read.) :func:`header_bytes` writes the header of tensors
+a caller then streams into the file back to back.
 """
 
 from __future__ import annotations
@@ -21,14 +25,13 @@ import torch
 from qalora.errors import QaloraError
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool}
+          "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 NAMES = {v: k for k, v in DTYPES.items()}
 
 
-def read_header(path: Path) -> tuple[int, dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]]:
-    """``(data start, {name: (dtype, shape, begin, end)})`` of a safetensors file, every entry
-    checked against the file's size (a truncated or foreign file is refused in one line)."""
+def read_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
+    """``{name: (dtype, shape, begin, end)}`` of a safetensors file (absolute byte offsets), every
+    entry checked against the file's size (a truncated or foreign file is refused in one line)."""
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:
@@ -54,8 +57,7 @@ def read_header(path: Path) -> tuple[int, dict[str, tuple[torch.dtype, tuple[int
             raise QaloraError(f"tensor {name!r} in {str(path)!r} lies outside the file or has the wrong size "
                               "(a truncated download?)")
         table[name] = (dtype, shape, start + begin, start + end)
-    return start, table
-
+    return table
 
 
 def read_tensor(path: Path, dtype: torch.dtype, shape: tuple[int, ...], begin: int, end: int, name: str) -> torch.Tensor:
@@ -85,7 +87,7 @@ class SafetensorsFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self._table = read_header(self.path)[1]
+        self._table = read_header(self.path)
 
     def __enter__(self) -> SafetensorsFile:
         return self
@@ -117,3 +119,18 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Every tensor of the file (``safetensors.torch.load_file``'s result, without the map)."""
     f = SafetensorsFile(path)
     return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def header_bytes(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], what: str = "this writer") -> bytes:
+    """The header (8-byte little-endian length + JSON padded with spaces to 8 bytes) of tensors
+    stored back to back in ``entries`` order; a dtype outside :data:`DTYPES` is refused, naming ``what``."""
+    table, at = {"__metadata__": {"format": "pt"}}, 0
+    for name, dtype, shape in entries:
+        if dtype not in NAMES:
+            raise QaloraError(f"tensor {name!r} has dtype {dtype}, which {what} does not store")
+        n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        table[name] = {"dtype": NAMES[dtype], "shape": list(shape), "data_offsets": [at, at + n]}
+        at += n
+    text = json.dumps(table, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text

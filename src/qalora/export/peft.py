@@ -38,7 +38,6 @@ full-precision folder is the usual QLoRA serving, not bit-identical to training)
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable
@@ -50,15 +49,13 @@ from qalora.adapters.format import adapter_sha256, check_base, read_adapter
 from qalora.adapters.methods import get_method
 from qalora.errors import QaloraError
 from qalora.io import atomic_dir, check_new_output, read_json, write_json
+from qalora.safetensors_file import DTYPES, SafetensorsFile, header_bytes
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 DENSE_WEIGHTS = "model.safetensors"
 INFO_FILE = "export_info.json"
 PEFT_PREFIX = "base_model.model."
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-              torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 
 # --------------------------------------------------------------------------- the LoRA pairs
@@ -158,21 +155,6 @@ def checked_base_name(cfg: dict, name, adir) -> str:
     return str(folder.resolve())
 
 
-def _st_header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> bytes:
-    """A safetensors header (8-byte little-endian length + JSON padded with spaces to 8 bytes) for
-    tensors stored back to back in ``entries`` order."""
-    table, at = {"__metadata__": {"format": "pt"}}, 0
-    for name, dtype, shape in entries:
-        if dtype not in _ST_DTYPES:
-            raise QaloraError(f"tensor {name!r} has dtype {dtype}, which the dense base writer does not store")
-        n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        table[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [at, at + n]}
-        at += n
-    text = json.dumps(table, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text
-
-
 def dense_plan(reader, layers: dict[str, dict]) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
     """``[(name, dtype, shape)]`` of the dense folder: ``<layer>.weight`` fp32 ``[out, in]`` for
     each quantized layer (its ``qweight``, ``scale``, ``offset`` consumed), every other checkpoint
@@ -188,9 +170,9 @@ def dense_plan(reader, layers: dict[str, dict]) -> list[tuple[str, torch.dtype, 
     for key in keys:
         sl = reader.get_slice(key)
         stored = sl.get_dtype()
-        if stored not in _ST_NAMES:
+        if stored not in DTYPES:
             raise QaloraError(f"checkpoint tensor {key!r} has dtype {stored}, which the dense base writer does not store")
-        dtype = torch.float32 if _ST_NAMES[stored].is_floating_point else _ST_NAMES[stored]
+        dtype = torch.float32 if DTYPES[stored].is_floating_point else DTYPES[stored]
         plan.append((key, dtype, tuple(sl.get_shape())))
     return sorted(plan)
 
@@ -218,7 +200,6 @@ def export_dense_base(model_dir: str | os.PathLike, out: str | os.PathLike, *, p
     reference kernel weights), tokenizer and generation files, and ``export_info.json``
     (``source_sha256``: the checkpoint's recorded weights SHA-256, checked here first).
     Memory: one tensor at a time. Size: 32 bits per weight."""
-    from qalora.safetensors_file import SafetensorsFile
     from tqdm.auto import tqdm
     from transformers import AutoConfig
 
@@ -238,7 +219,7 @@ def export_dense_base(model_dir: str | os.PathLike, out: str | os.PathLike, *, p
     with SafetensorsFile(weights) as reader, atomic_dir(out) as tmp:
         plan = dense_plan(reader, layers)
         with open(tmp / DENSE_WEIGHTS, "wb") as f:
-            f.write(_st_header(plan))
+            f.write(header_bytes(plan, "the dense base writer"))
             for name, dtype, shape in tqdm(plan, desc="dense base", disable=not progress):
                 t = dense_tensor(reader, name, layers).to(dtype).contiguous()
                 if tuple(t.shape) != shape:

@@ -14,7 +14,6 @@ import os
 from pathlib import Path
 
 import torch
-from qalora.safetensors_file import SafetensorsFile
 from torch import nn
 
 from qalora.adapters.format import adapter_sha256, attach, check_base, read_adapter
@@ -27,6 +26,7 @@ from qalora.merging.verify import (DEFAULT_PROMPTS, MAX_WEIGHT_ULPS, MIN_TOLERAN
                                  verify_merge, weight_errors)
 from qalora.models import load_tokenizer
 from qalora.quant.packing import unpack
+from qalora.safetensors_file import SafetensorsFile
 
 REPORT_FILE = "merge_report.json"
 
