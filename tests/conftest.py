@@ -3,6 +3,10 @@ embedded SmolLM2-135M-Instruct folder (converted once per machine into the user 
 
 from __future__ import annotations
 
+import importlib
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -43,6 +47,17 @@ def tiny_llama(seed: int = 0, vocab_size: int = 300, hidden: int = 64, inter: in
             if p.dim() == 2:
                 p.normal_(0, 0.08)
     return model
+
+
+def benchmark_module(name: str):
+    """The module ``benchmarks/<name>.py`` (the benchmarks folder is not a package; its scripts
+    import each other by file name, so the folder is on ``sys.path`` while the import runs)."""
+    folder = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, folder)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(folder)
 
 
 @pytest.fixture

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import benchmark_module
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -49,15 +51,6 @@ def test_scale_small_shape_runs_every_stage(tmp_path):
     assert all(r["status"] == "ok" for r in rows), rows
 
 
-def _scale_module():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import scale
-    finally:
-        sys.path.pop(0)
-    return scale
-
-
 def _fake_checkpoint(folder: Path, sha: str) -> None:
     folder.mkdir()
     (folder / "qalora.json").write_text(json.dumps({"sha256": {"model.safetensors": sha}}))
@@ -65,7 +58,7 @@ def _fake_checkpoint(folder: Path, sha: str) -> None:
 
 @pytest.mark.parametrize("same", [True, False])
 def test_scale_remeasure_keeps_downstream_only_when_bit_identical(tmp_path, same):
-    scale = _scale_module()
+    scale = benchmark_module("scale")
     out, previous = tmp_path / "q4", tmp_path / "q4.previous"
     _fake_checkpoint(previous, "a" * 64)
     _fake_checkpoint(out, "a" * 64 if same else "b" * 64)
@@ -78,7 +71,7 @@ def test_scale_remeasure_keeps_downstream_only_when_bit_identical(tmp_path, same
 
 
 def test_scale_remeasure_failure_restores_previous_output(tmp_path):
-    scale = _scale_module()
+    scale = benchmark_module("scale")
     out, previous = tmp_path / "q4", tmp_path / "q4.previous"
     _fake_checkpoint(previous, "a" * 64)
     out.mkdir()  # the failed run's partial output
@@ -89,12 +82,7 @@ def test_scale_remeasure_failure_restores_previous_output(tmp_path):
 
 def test_scale_model_counts_match_the_built_shapes():
     """The extrapolation's parameter counts are scale.py's (and SmolLM2-135M's 134,515,008)."""
-    scale = _scale_module()
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import scale_model
-    finally:
-        sys.path.pop(0)
+    scale, scale_model = benchmark_module("scale"), benchmark_module("scale_model")
     for key, shape in scale_model.MEASURED.items():
         assert shape.parameters == scale.parameter_count(key, shape.vocab)
     assert scale_model.MEASURED["smollm2"].parameters == 134_515_008
@@ -106,7 +94,7 @@ def test_scale_model_counts_match_the_built_shapes():
 def test_scale_output_sha_of_an_adapter_folder(tmp_path):
     import hashlib
 
-    scale = _scale_module()
+    scale = benchmark_module("scale")
     (tmp_path / "adapter.safetensors").write_bytes(b"weights")
     assert scale.checkpoint_sha(tmp_path) == hashlib.sha256(b"weights").hexdigest()
     assert scale.checkpoint_sha(tmp_path / "missing") is None

@@ -397,21 +397,12 @@ def test_wall_time_counts_every_adapters_training_once():
     assert f"Build + evaluation time of all rows: {s['total'] / 3600:.1f} h" in results_markdown(summary, "cmd")
 
 
-def _scale_doc():
-    import sys
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import scale_doc
-    finally:
-        sys.path.pop(0)
-    return scale_doc
-
-
 def test_scale_md_is_what_scale_doc_writes():
     """docs/SCALE.md is rendered from the two committed scale runs; a changed figure in either
     JSON changes the text."""
-    doc = _scale_doc()
+    from conftest import benchmark_module
+
+    doc = benchmark_module("scale_doc")
     runs = doc.load_runs()
     prose = (ROOT / "benchmarks" / "scale_doc.md").read_text()
     md = (ROOT / "docs" / "SCALE.md").read_text()
