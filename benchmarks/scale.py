@@ -320,13 +320,9 @@ def checkpoint_sha(folder: Path) -> str | None:
         return (json.loads(meta.read_text()).get("sha256") or {}).get("model.safetensors")
     adapter = folder / "adapter.safetensors"
     if adapter.is_file():
-        import hashlib
+        from qalora.io import sha256_file
 
-        h = hashlib.sha256()
-        with open(adapter, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                h.update(block)
-        return h.hexdigest()
+        return sha256_file(adapter)
     return None
 
 

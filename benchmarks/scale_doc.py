@@ -147,9 +147,9 @@ def gpu_table() -> str:
 
 def gpu_summary() -> str:
     """One sentence per target: the fewest resources (checkpointing off before on) that fit."""
-    parts = []
+    parts, every = [], gpu_rows()
     for t in sm.TARGETS:
-        rows = [r for r in gpu_rows() if r["model"] == t.name and r["gpus"] == 1]
+        rows = [r for r in every if r["model"] == t.name and r["gpus"] == 1]
         plain = next(r for r in rows if not r["checkpointing"])
         ckpt = next(r for r in rows if r["checkpointing"])
         name = t.name.split(" ")[0]
