@@ -26,6 +26,9 @@ import scale_model as sm  # noqa: E402
 ROOT = HERE.parent
 DOC = ROOT / "docs" / "SCALE.md"
 RESULTS = {"smollm2": HERE / "results" / "scale-smollm2.json", "tinyllama": HERE / "results" / "scale-tinyllama.json"}
+# the 1.1B run's measurements before quantize streamed and merge read its base unmapped (scale.py's state file)
+FIRST_RUN = HERE / "results" / "scale-tinyllama-first-run.json"
+CHANGED = ("quantize-rtn", "quantize-gptq", "train-qalora", "merge")
 CALIB_TOKENS = 8 * 256        # scale.py's GPTQ: --calib-samples 8, 256 tokens each
 GPU_TOKENS = 4 * 2048         # per GPU and micro-batch in the GPU table
 GPU_MEMORY = 80e9
@@ -60,7 +63,9 @@ TRAIN_STAGES = ("train-qalora", "train-qlora")
 
 
 def load_runs() -> dict[str, dict]:
-    runs = {}
+    """``{shape: {"data": result JSON, "rows": {stage: row}}}``, plus ``"first"``: the 1.1B
+    run's first measurement of each stage."""
+    runs = {"first": json.loads(FIRST_RUN.read_text())["stages"]}
     for key, path in RESULTS.items():
         data = json.loads(path.read_text())
         runs[key] = {"data": data, "rows": {r["stage"]: r for r in data["rows"]}}
@@ -94,6 +99,22 @@ def measured_table(runs: dict) -> str:
             lines.append(f"| {stage} | {sm.MEASURED[key].name.split(' ')[0]} | {r['seconds']:.0f} | "
                          f"{_gb(r['peak_rss_bytes'])} | {_gb(r['baseline_rss_bytes'])} | {_gb(_grown(r))} | "
                          f"{_gb(r.get('output_bytes'))} |")
+    return "\n".join(lines)
+
+
+def _run_cell(r: dict) -> str:
+    return f"{r['seconds']:.0f} s, {_gb(r['peak_rss_bytes'])}"
+
+
+def changes_table(runs: dict) -> str:
+    """The 1.1B stages measured again after a change: first run, the run just before the last
+    (when recorded), and now."""
+    lines = ["| stage | first run: seconds, peak RSS GB | run before the last | now |", "|---|---|---|---|"]
+    for stage in CHANGED:
+        first, now = runs["first"][stage], runs["tinyllama"]["rows"][stage]
+        prev = now.get("previous") or {}
+        lines.append(f"| {stage} | {_run_cell(first)} | {_run_cell(prev) if prev.get('peak_rss_bytes') else '—'} | "
+                     f"{_run_cell(now)} |")
     return "\n".join(lines)
 
 
@@ -175,10 +196,11 @@ def shapes_table() -> str:
 
 
 def render(runs: dict, prose: str) -> str:
-    """``prose`` with its ``{measured}``, ``{host}``, ``{gpu}``, ``{gpu_summary}``, ``{shapes}`` and
-    ``{commands}`` placeholders filled."""
+    """``prose`` with its ``{measured}``, ``{changes}``, ``{host}``, ``{gpu}``, ``{gpu_summary}``,
+    ``{shapes}`` and ``{commands}`` placeholders filled."""
     commands = "\n".join(f"    {runs[k]['data']['command']}" for k in ("smollm2", "tinyllama"))
-    return prose.format(measured=measured_table(runs), host=host_table(runs), gpu=gpu_table(),
+    return prose.format(measured=measured_table(runs), changes=changes_table(runs), host=host_table(runs),
+                        gpu=gpu_table(),
                         gpu_summary=gpu_summary(), shapes=shapes_table(), commands=commands)
 
 
