@@ -3,7 +3,9 @@ transformers and llama.cpp: one command, every system in its own process, the sa
 
     python benchmarks/speed.py [--quick] [--work DIR] [--pipeline DIR] [--only NAME ...] [--out FILE]
 
-Each row runs as ``python benchmarks/speed.py _worker NAME SPEC`` (a child of ``sys.executable``):
+Files: this one (rows, parent, table), ``speed_common.py`` (settings), ``speed_hf.py`` (training,
+transformers-style decode, GPTQ, builds), ``speed_llamacpp.py`` (llama.cpp rows). Each row runs as
+``python benchmarks/speed.py _worker NAME SPEC`` (a child of ``sys.executable``):
 the child loads its system, measures, reads its own peak RSS with
 ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` and prints one JSON line, so the memory is that
 system's alone. Every child runs with 2 threads (``torch.set_num_threads``, ``OMP_NUM_THREADS``,
@@ -29,6 +31,8 @@ head matmul than the PEFT loop's: not the same work.)
 
 - ``train-qalora``: qalora QA-LoRA on an INT4 g32 RTN checkpoint of the embedded SmolLM2 (fp32
   compute: one layer dequantized just in time + fp32 GEMM, as ``qalora train`` does).
+- ``train-qalora-gc``: the same with gradient checkpointing of the decoder layers (as
+  ``qalora train --grad-checkpointing``).
 - ``train-qalora-qlora``: qalora's QLoRA baseline (``--method qlora``: its own NF4, block 64).
 - ``train-peft-lora``: PEFT LoRA on the fp32 model.
 - ``train-peft-bnb``: PEFT + bitsandbytes NF4 QLoRA (block 64, fp32 compute; no double
@@ -47,9 +51,17 @@ of the logits: the same greedy loop, no sampler). **Ratios are tokens/s against 
 of the same bits** (INT4 for the rows without qalora bits).
 
 - ``decode-qalora-int4`` / ``-int3``: ``qalora.load(path, kernel="auto")`` on the merged INT4 /
-  INT3 g32 model: the ``--pipeline`` folder's ``merged/`` for the bits it holds, otherwise an RTN
-  checkpoint of the embedded model (a merged QA-LoRA model is a checkpoint of the same format and
-  shapes, so it computes the same way at the same speed).
+  INT3 g32 model, decoded by ``qalora.decode.decode`` (what ``qalora generate`` runs: the kernels
+  bound, eager steps): the ``--pipeline`` folder's ``merged/`` for the bits it holds, otherwise
+  an RTN checkpoint of the embedded model (a merged QA-LoRA model is a checkpoint of the same
+  format and shapes, so it computes the same way at the same speed).
+- ``decode-qalora-int4-hf``: the same INT4 model through transformers' ``model.generate`` (the
+  path ``qalora generate`` took before ``qalora.decode``).
+- ``decode-qalora-int4-compiled``: ``qalora.decode`` with ``compile=True`` (``torch.compile`` of
+  the one-token step over a preallocated cache); ``warmup_b1_s`` holds the one-time compilation.
+- ``decode-qalora-int4-compiled-head4`` / ``decode-qalora-int3-compiled-head4``: the same with the
+  output head quantized in memory to INT4 g32 (``--head-bits 4``: a different, smaller head, so
+  its greedy tokens may differ from the other rows').
 - ``decode-qalora-unmerged``: ``qalora.adapters.format.load_adapted`` (the pipeline's quantized
   base + adapter, or the INT4 RTN base + a QA-LoRA adapter trained for one step), kernel auto,
   the adapters computed beside the base in every layer.
@@ -80,48 +92,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import platform
-import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager, nullcontext
 from importlib import metadata
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
-RESULTS = ROOT / "results" / "speed.json"
-RESULT_TAG = "SPEED_RESULT "
-THREADS = 2
-INSTALL = {"bitsandbytes": "pip install --no-deps bitsandbytes==0.50.0", "peft": "pip install peft==0.21.0",
-           "llama_cpp": "pip install llama-cpp-python==0.3.36 (builds llama.cpp, ~12 min on 2 cores)"}
 
-
-# ----------------------------------------------------------------------------------------- settings
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """What every row runs with (the batch, rank, alpha and optimizer come from qalora's config
-    defaults, read in the child: ``LoraConfig()`` and ``TrainConfig()``)."""
-
-    threads: int = THREADS
-    warmup: int = 1            # untimed training steps
-    steps: int = 5             # timed training steps (median)
-    new_tokens: int = 128      # greedy tokens per sequence
-    decode_batches: tuple[int, ...] = (1, 8)
-    prefill_tokens: int = 512
-    reps: int = 3              # timed repetitions of each prefill / generation (median)
-    gptq_layers: int = 3
-    gptq_samples: int | None = None  # None: QuantConfig.calib_samples
-
-    @classmethod
-    def quick(cls) -> Settings:
-        return cls(steps=2, new_tokens=32, decode_batches=(1,), reps=1, gptq_layers=1, gptq_samples=16)
+from speed_common import RESULT_TAG, RESULTS, ROOT, Settings, Skip, peak_rss_mb
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,12 +116,17 @@ class Row:
 
 ROWS = [
     Row("train-qalora", "train", "qalora QA-LoRA, INT4 g32"),
+    Row("train-qalora-gc", "train", "qalora QA-LoRA + grad ckpt"),
     Row("train-qalora-qlora", "train", "qalora QLoRA (own NF4)"),
     Row("train-peft-lora", "train", "PEFT LoRA, fp32"),
     Row("train-peft-bnb", "train", "PEFT + bnb NF4 QLoRA"),
     Row("train-peft-bnb-gc", "train", "PEFT + bnb NF4 QLoRA + grad ckpt"),
+    Row("decode-qalora-int4-hf", "decode", "qalora INT4, transformers generate", 4),
     Row("decode-qalora-int4", "decode", "qalora merged INT4", 4),
+    Row("decode-qalora-int4-compiled", "decode", "qalora INT4, compiled", 4),
+    Row("decode-qalora-int4-compiled-head4", "decode", "qalora INT4, compiled, INT4 head", 4),
     Row("decode-qalora-int3", "decode", "qalora merged INT3", 3),
+    Row("decode-qalora-int3-compiled-head4", "decode", "qalora INT3, compiled, INT4 head", 3),
     Row("decode-qalora-unmerged", "decode", "qalora unmerged (base + adapter)"),
     Row("decode-peft-bnb", "decode", "PEFT + bnb NF4, unmerged", 4),
     Row("decode-hf-bf16", "decode", "transformers bf16", 4),
@@ -151,381 +138,6 @@ BY_NAME = {r.name: r for r in ROWS}
 TRAIN_REFERENCE = "train-peft-bnb"
 
 
-# ------------------------------------------------------------------------------ child: measurements
-
-class Skip(Exception):
-    """The row's library cannot be imported: reported as skipped."""
-
-
-def _require(module: str, what: str, install: str) -> None:
-    import importlib
-
-    try:
-        importlib.import_module(module)
-    except ImportError as e:
-        raise Skip(f"{what} not installed ({str(e).splitlines()[0]}; {install})") from None
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def _train_batch(vocab: int, batch_size: int, seq_len: int) -> dict:
-    import torch
-
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (batch_size, seq_len), generator=g)  # [B, T]
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-
-
-def _timed_steps(model, step_fn, batch: dict, s: Settings) -> dict:
-    """``warmup`` + ``steps`` steps on ``batch``, each: the trainer's token-summed cross entropy over
-    every target / the number of targets, ``backward()``, then ``step_fn()`` (clip + optimizer step
-    + gradients cleared). Times the timed steps; keeps every step's loss."""
-    from qalora.training.loop import _token_loss_sum
-
-    n_targets = int((batch["labels"][:, 1:] != -100).sum())
-    model.train()
-    times, losses = [], []
-    for i in range(s.warmup + s.steps):
-        t0 = time.perf_counter()
-        loss = _token_loss_sum(model, batch, nullcontext) / n_targets
-        loss.backward()
-        step_fn()
-        dt = time.perf_counter() - t0
-        losses.append(float(loss.detach()))
-        if i >= s.warmup:
-            times.append(dt)
-    if not all(math.isfinite(x) for x in losses):
-        raise RuntimeError(f"non-finite training loss: {losses}")
-    return {"s_per_step": statistics.median(times), "step_times": times, "losses": losses,
-            "target_tokens": n_targets, "input_tokens": int(batch["attention_mask"].sum())}
-
-
-def _train_qalora(method: str, model_path: str, s: Settings) -> dict:
-    import torch
-
-    from qalora.adapters.attach import add_adapters, trainable_parameters
-    from qalora.adapters.base import load_base
-    from qalora.config import LoraConfig, TrainConfig
-    from qalora.training.optim import Optimizers
-
-    lora, cfg = LoraConfig(), TrainConfig(method=method, steps=s.warmup + s.steps)
-    t0 = time.perf_counter()
-    base = load_base(method, model_path, cfg.compute_dtype)
-    net = base.model
-    torch.manual_seed(cfg.seed)
-    add_adapters(net, method, lora)
-    optim = Optimizers(net, cfg)
-    load_s, rss_load = time.perf_counter() - t0, _peak_rss_mb()
-    batch = _train_batch(net.config.vocab_size, cfg.batch_size, cfg.max_seq_len)
-
-    def step():
-        optim.clip(cfg.max_grad_norm)
-        optim.step()
-
-    out = _timed_steps(net, step, batch, s)
-    return {**out, "trainable_parameters": trainable_parameters(net), "load_s": load_s,
-            "peak_rss_after_load_mb": rss_load, "base": model_path, "rank": lora.rank, "alpha": lora.alpha}
-
-
-def _bnb_model(dtype_name: str = "float32"):
-    """The embedded model loaded by transformers with bitsandbytes NF4 (block 64, compute in
-    ``dtype_name``), every decoder linear quantized (lm_head kept, as transformers does)."""
-    _require("bitsandbytes", "bitsandbytes", INSTALL["bitsandbytes"])
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    from qalora.default_model import resolve_model
-
-    dtype = getattr(torch, dtype_name)
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
-                           bnb_4bit_use_double_quant=False)
-    return AutoModelForCausalLM.from_pretrained(str(resolve_model("default")), quantization_config=q, dtype=dtype,
-                                                device_map={"": "cpu"})
-
-
-def _peft_wrap(model):
-    """PEFT LoRA with qalora's adapter defaults (rank, alpha, dropout, targets), seeded."""
-    import torch
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-
-    from qalora.config import LoraConfig
-
-    lora = LoraConfig()
-    torch.manual_seed(0)
-    cfg = PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                         target_modules=list(lora.targets), bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, cfg)
-
-
-def _train_peft(bnb: bool, grad_ckpt: bool, s: Settings) -> dict:
-    _require("peft", "PEFT", INSTALL["peft"])
-    import torch
-
-    from qalora.config import TrainConfig
-    from qalora.models import load_fp_model
-
-    cfg = TrainConfig(method="lora")
-    t0 = time.perf_counter()
-    model = _bnb_model() if bnb else load_fp_model("default")[0]
-    if grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    pm = _peft_wrap(model)
-    params = [p for p in pm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    load_s, rss_load = time.perf_counter() - t0, _peak_rss_mb()
-    batch = _train_batch(model.config.vocab_size, cfg.batch_size, cfg.max_seq_len)
-
-    def step():
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    out = _timed_steps(pm, step, batch, s)
-    return {**out, "trainable_parameters": sum(p.numel() for p in params), "load_s": load_s,
-            "peak_rss_after_load_mb": rss_load, "gradient_checkpointing": grad_ckpt}
-
-
-def _prompt_ids(tok):
-    """``([1, T]`` chat-templated speed prompt (the pipeline's), vocabulary size``)."""
-    from qalora.stages.pipeline import SPEED_PROMPT
-
-    ids = tok.apply_chat_template([{"role": "user", "content": SPEED_PROMPT}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)["input_ids"]
-    return ids, len(tok)
-
-
-def _prefill_ids(vocab: int, n: int):
-    import torch
-
-    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(1))  # [1, P]
-
-
-def _hf_speed(model, tok, s: Settings) -> dict:
-    """Prefill and greedy decode speed of a transformers-style model (see the module docstring)."""
-    import torch
-
-    ids, vocab = _prompt_ids(tok)
-    pre = _prefill_ids(vocab, s.prefill_tokens)
-    out = {"prompt_tokens": int(ids.shape[1])}
-    with torch.inference_mode():
-        model(input_ids=pre, use_cache=True, logits_to_keep=1)  # warm-up (kernel preparation)
-        times = []
-        for _ in range(s.reps):
-            t0 = time.perf_counter()
-            model(input_ids=pre, use_cache=True, logits_to_keep=1)
-            times.append(time.perf_counter() - t0)
-        out["prefill_tok_s"] = s.prefill_tokens / statistics.median(times)
-        for b in s.decode_batches:
-            x = ids.repeat(b, 1)                                                # [b, T]
-            opts = {"attention_mask": torch.ones_like(x), "do_sample": False, "pad_token_id": tok.eos_token_id}
-            model.generate(x, max_new_tokens=4, min_new_tokens=4, **opts)       # warm-up
-            times = []
-            for _ in range(s.reps):
-                t0 = time.perf_counter()
-                gen = model.generate(x, max_new_tokens=s.new_tokens, min_new_tokens=s.new_tokens, **opts)
-                times.append(time.perf_counter() - t0)
-            out[f"decode_b{b}_tok_s"] = b * s.new_tokens / statistics.median(times)
-            if b == 1:
-                out["tokens"] = gen[0, ids.shape[1]:].tolist()
-    return out
-
-
-def _decode_hf(row: str, spec: dict, s: Settings) -> dict:
-    import torch
-
-    from qalora.models import load_tokenizer
-    from qalora.patch import set_kernel
-
-    t0 = time.perf_counter()
-    if row in ("decode-qalora-int4", "decode-qalora-int3"):
-        import qalora
-
-        model, tok = qalora.load(spec["model"], kernel="auto"), load_tokenizer(spec["model"])
-    elif row == "decode-qalora-unmerged":
-        from qalora.adapters.format import load_adapted
-
-        model, tok, _ = load_adapted(spec["model"], spec["adapter"])
-        set_kernel(model, "auto")
-    elif row == "decode-peft-bnb":
-        _require("peft", "PEFT", INSTALL["peft"])
-        from qalora.default_model import resolve_model
-
-        model, tok = _peft_wrap(_bnb_model()), load_tokenizer(resolve_model("default"))
-    elif row == "decode-hf-bf16":
-        from qalora.models import load_fp_model
-
-        model, tok, _ = load_fp_model("default", dtype=torch.bfloat16)
-    else:
-        raise ValueError(row)
-    model.eval()
-    load_s, rss_load = time.perf_counter() - t0, _peak_rss_mb()
-    return {**_hf_speed(model, tok, s), "load_s": load_s, "peak_rss_after_load_mb": rss_load,
-            **{k: spec[k] for k in ("model", "adapter", "source") if k in spec}}
-
-
-class _LlamaCpp:
-    """One GGUF model through llama.cpp's C API (llama-cpp-python's ctypes bindings): contexts
-    holding ``n_seq`` sequences, batched ``llama_decode`` and greedy argmax on the logits."""
-
-    def __init__(self, path: str, threads: int):
-        _require("llama_cpp", "llama-cpp-python", INSTALL["llama_cpp"])
-        import llama_cpp as L
-
-        self.L, self.threads = L, threads
-        L.llama_backend_init()
-        self.model = L.llama_model_load_from_file(path.encode(), L.llama_model_default_params())
-        if not self.model:
-            raise RuntimeError(f"llama.cpp could not load {path}")
-        self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
-
-    @contextmanager
-    def context(self, n_seq: int, tokens_per_seq: int, n_batch: int):
-        L = self.L
-        cp = L.llama_context_default_params()
-        per_seq = 256 * -(-tokens_per_seq // 256)  # each sequence gets n_ctx / n_seq cells
-        cp.n_ctx, cp.n_seq_max = n_seq * per_seq, n_seq
-        cp.n_batch, cp.n_ubatch = n_batch, min(n_batch, 512)
-        cp.n_threads = cp.n_threads_batch = self.threads
-        cp.no_perf = True
-        ctx = L.llama_init_from_model(self.model, cp)
-        if not ctx:
-            raise RuntimeError("llama.cpp could not create a context")
-        batch = L.llama_batch_init(n_batch, 0, 1)
-        try:
-            yield ctx, batch
-        finally:
-            L.llama_batch_free(batch)
-            L.llama_free(ctx)
-
-    def clear(self, ctx) -> None:
-        self.L.llama_memory_clear(self.L.llama_get_memory(ctx), True)
-
-    def decode(self, ctx, batch, entries: list[tuple[int, int, int, bool]]) -> None:
-        """One ``llama_decode`` of ``(token, position, sequence, wants logits)`` entries."""
-        for i, (tok, pos, seq, out) in enumerate(entries):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, pos, 1
-            batch.seq_id[i][0] = seq
-            batch.logits[i] = out
-        batch.n_tokens = len(entries)
-        rc = self.L.llama_decode(ctx, batch)
-        if rc != 0:
-            raise RuntimeError(f"llama_decode returned {rc} for a batch of {len(entries)} tokens")
-
-    def argmax(self, ctx, i: int) -> int:
-        import numpy as np
-
-        return int(np.ctypeslib.as_array(self.L.llama_get_logits_ith(ctx, i), shape=(self.n_vocab,)).argmax())
-
-    def greedy(self, ctx, batch, prompt: list[int], n_seq: int, new: int) -> list[int]:
-        """``new`` greedy tokens for each of ``n_seq`` copies of ``prompt`` (as ``generate``: one
-        prompt pass, then ``new - 1`` one-token passes); returns sequence 0's tokens."""
-        self.clear(ctx)
-        t = len(prompt)
-        self.decode(ctx, batch, [(tok, p, s, p == t - 1) for s in range(n_seq) for p, tok in enumerate(prompt)])
-        rows, pos, first = [(s + 1) * t - 1 for s in range(n_seq)], t, []
-        for k in range(new):
-            toks = [self.argmax(ctx, i) for i in rows]
-            first.append(toks[0])
-            if k == new - 1:
-                break
-            self.decode(ctx, batch, [(toks[s], pos, s, True) for s in range(n_seq)])
-            rows, pos = list(range(n_seq)), pos + 1
-        return first
-
-
-def _decode_llamacpp(spec: dict, s: Settings) -> dict:
-    from qalora.models import load_tokenizer
-
-    t0 = time.perf_counter()
-    llm = _LlamaCpp(spec["gguf"], s.threads)
-    tok = load_tokenizer(spec["tokenizer"])
-    ids, vocab = _prompt_ids(tok)
-    prompt, pre = ids[0].tolist(), _prefill_ids(vocab, s.prefill_tokens)[0].tolist()
-    load_s, rss_load = time.perf_counter() - t0, _peak_rss_mb()
-    out = {"prompt_tokens": len(prompt), "gguf": spec["gguf"], "source": spec.get("source"), "load_s": load_s,
-           "peak_rss_after_load_mb": rss_load}
-    n = len(pre)
-    with llm.context(1, n + 1, n) as (ctx, batch):
-        times = []
-        for i in range(s.reps + 1):  # the first is the warm-up
-            llm.clear(ctx)
-            t = time.perf_counter()
-            llm.decode(ctx, batch, [(tok_, p, 0, p == n - 1) for p, tok_ in enumerate(pre)])
-            llm.argmax(ctx, n - 1)
-            if i:
-                times.append(time.perf_counter() - t)
-        out["prefill_tok_s"] = n / statistics.median(times)
-    for b in s.decode_batches:
-        with llm.context(b, len(prompt) + s.new_tokens + 1, max(b * len(prompt), b)) as (ctx, batch):
-            llm.greedy(ctx, batch, prompt, b, 4)  # warm-up
-            times = []
-            for _ in range(s.reps):
-                t = time.perf_counter()
-                gen = llm.greedy(ctx, batch, prompt, b, s.new_tokens)
-                times.append(time.perf_counter() - t)
-            out[f"decode_b{b}_tok_s"] = b * s.new_tokens / statistics.median(times)
-            if b == 1:
-                out["tokens"] = gen
-    llm.L.llama_model_free(llm.model)
-    return out
-
-
-def _gptq_layer(s: Settings) -> dict:
-    import torch
-
-    from qalora.config import QuantConfig
-    from qalora.data.text import calibration_batch
-    from qalora.models import load_fp_model
-    from qalora.patch import decoder_layers
-    from qalora.quant.model import capture_layer_inputs, quantize_gptq
-
-    fp, tok, _ = load_fp_model("default")
-    cfg = QuantConfig(bits=4, method="gptq", **({"calib_samples": s.gptq_samples} if s.gptq_samples else {}))
-    calib = calibration_batch(tok, n_samples=cfg.calib_samples, seq_len=cfg.calib_seq_len, seed=cfg.seed)
-    layers = decoder_layers(fp)
-    del layers[s.gptq_layers:]                    # the model keeps its first k decoder layers
-    fp.config.num_hidden_layers = s.gptq_layers
-    with torch.no_grad():
-        t0 = time.perf_counter()
-        capture_layer_inputs(fp, layers[0], calib, cfg.calib_batch_size, progress=False)
-        capture = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        errors = quantize_gptq(fp, cfg, calib, progress=False)
-        total = time.perf_counter() - t0
-    return {"s_per_layer": (total - capture) / s.gptq_layers, "total_s": total, "capture_s": capture,
-            "layers": s.gptq_layers, "linears": len(errors), "calib_samples": cfg.calib_samples,
-            "calib_seq_len": cfg.calib_seq_len, "bits": cfg.bits, "group_size": cfg.group_size,
-            "true_sequential": cfg.true_sequential}
-
-
-# ------------------------------------------------------------------------------ child: builds
-
-def _build(kind: str, spec: dict) -> dict:
-    """Write one cached input into ``spec["tmp"]`` (the parent renames it into place)."""
-    t0 = time.perf_counter()
-    if kind == "quantize":
-        import qalora
-        from qalora.config import QuantConfig
-
-        qalora.quantize("default", spec["tmp"], QuantConfig(bits=spec["bits"], method="rtn"), progress=False)
-    elif kind == "adapter":
-        import qalora
-        from qalora.config import TrainConfig
-
-        qalora.train(spec["model"], spec["tmp"], TrainConfig(steps=1, eval_every=1, eval_batches=1, save_every=1),
-                     progress=False)
-    elif kind == "gguf":
-        from qalora.export.gguf import export_gguf
-
-        export_gguf(spec["model"], spec["tmp"], progress=False)
-    else:
-        raise ValueError(kind)
-    return {"seconds": time.perf_counter() - t0}
-
-
 def worker(name: str, spec: dict) -> None:
     """The child: run row (or build) ``name`` and print its result as one JSON line."""
     s = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec.pop("settings").items()})
@@ -534,25 +146,30 @@ def worker(name: str, spec: dict) -> None:
 
     torch.set_num_threads(s.threads)
     sys.path.insert(0, str(ROOT.parent / "src"))
+    import speed_hf
+
     try:
         if name.startswith("build-"):
-            out = _build(name[len("build-"):], spec)
-        elif name in ("train-qalora", "train-qalora-qlora"):
-            out = _train_qalora("qalora" if name == "train-qalora" else "qlora", spec.get("model", "default"), s)
+            out = speed_hf.build(name[len("build-"):], spec)
+        elif name.startswith("train-qalora"):
+            out = speed_hf.train_qalora("qlora" if name == "train-qalora-qlora" else "qalora",
+                                        spec.get("model", "default"), s, grad_ckpt=name.endswith("-gc"))
         elif name.startswith("train-peft"):
-            out = _train_peft(bnb="bnb" in name, grad_ckpt=name.endswith("-gc"), s=s)
+            out = speed_hf.train_peft(bnb="bnb" in name, grad_ckpt=name.endswith("-gc"), s=s)
         elif name.startswith("decode-llamacpp"):
-            out = _decode_llamacpp(spec, s)
+            from speed_llamacpp import decode_llamacpp
+
+            out = decode_llamacpp(spec, s)
         elif name.startswith("decode-"):
-            out = _decode_hf(name, spec, s)
+            out = speed_hf.decode_hf(name, spec, s)
         elif name == "gptq-layer":
-            out = _gptq_layer(s)
+            out = speed_hf.gptq_layer(s)
         else:
             raise ValueError(f"unknown row {name!r}")
         out = {"status": "ok", **out}
     except Skip as e:
         out = {"status": "skipped", "reason": str(e)}
-    out.update(peak_rss_mb=_peak_rss_mb(), threads=torch.get_num_threads())
+    out.update(peak_rss_mb=peak_rss_mb(), threads=torch.get_num_threads())
     print(RESULT_TAG + json.dumps(out), flush=True)
 
 
@@ -642,9 +259,9 @@ class Inputs:
         return path, f"export_gguf of {source}"
 
     def spec(self, row: Row) -> dict:
-        if row.name == "train-qalora":
+        if row.name in ("train-qalora", "train-qalora-gc"):
             return {"model": str(self.rtn(4))}
-        if row.name in ("decode-qalora-int4", "decode-qalora-int3"):
+        if row.name.startswith(("decode-qalora-int4", "decode-qalora-int3")):
             model, source = self.merged(row.bits)
             return {"model": str(model), "source": source}
         if row.name == "decode-qalora-unmerged":

@@ -67,27 +67,27 @@ def load_model_and_tokenizer(path: str | os.PathLike, kernel: str = "auto", devi
 
 
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat: bool = False, streamer=None, *,
-             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> str:
+             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+             compile: bool = False, head_bits: int = 0, head_group_size: int = 32) -> str:
     """Continuation of ``prompt`` (rendered with the chat template when ``chat``): greedy when
-    ``temperature`` is 0, else sampled with temperature / top-p / top-k (seeded if ``seed``)."""
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise QaloraError(f"sampling needs temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
+    ``temperature`` is 0, else sampled with temperature / top-p / top-k (seeded if ``seed``),
+    through ``qalora.decode.decode`` (preallocated KV cache, bound kernels; ``compile``:
+    ``torch.compile`` the decode step). ``head_bits`` quantizes the model's output head in place
+    first (``qalora.decode.quantize_head``; 0 keeps it). Options are those of ``DecodeConfig``."""
+    from qalora.config import DecodeConfig
+    from qalora.decode import decode, quantize_head
+
+    config = DecodeConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                          seed=seed, compile=compile, head_bits=head_bits, head_group_size=head_group_size)
     if chat and getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                             return_tensors="pt", return_dict=True)["input_ids"]
     else:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    ids = ids.to(next(model.parameters()).device)
-    sample = temperature > 0
-    options = {"do_sample": sample}
-    if sample:
-        options.update(temperature=temperature, top_p=top_p, top_k=top_k)
-        if seed is not None:
-            torch.manual_seed(seed)
-    with torch.inference_mode():
-        out = model.generate(ids, max_new_tokens=max_new_tokens, streamer=streamer,
-                             pad_token_id=tokenizer.eos_token_id, **options)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    if config.head_bits:
+        quantize_head(model, config.head_bits, config.head_group_size)
+    out = decode(model, ids, config, eos_token_id=tokenizer.eos_token_id, streamer=streamer)
+    return tokenizer.decode(out[0], skip_special_tokens=True)
 
 
 def evaluate(model="default", tasks=("perplexity",), *, tokenizer=None, adapter: str | os.PathLike | None = None,

@@ -128,10 +128,12 @@ def cmd_generate(args) -> int:
 
     from qalora.api import generate, load_model_and_tokenizer
 
+    from qalora.config import DecodeConfig
+
+    config = dataclass_from_args(DecodeConfig, args)  # validated before any weights load
     model, tok = load_model_and_tokenizer(args.model, kernel=args.kernel, adapter=args.adapter)
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-    generate(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, chat=args.chat, streamer=streamer,
-             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    generate(model, tok, args.prompt, chat=args.chat, streamer=streamer, **dataclasses.asdict(config))
     return 0
 
 
@@ -209,7 +211,7 @@ def cmd_reproduce(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from qalora.config import LoraConfig, PipelineConfig, QuantConfig, TrainConfig
+    from qalora.config import DecodeConfig, LoraConfig, PipelineConfig, QuantConfig, TrainConfig
     from qalora.kernels.names import KERNEL_CHOICES
 
     p = argparse.ArgumentParser(prog="qalora", description="Quantization-aware LoRA for group-wise quantized LLMs")
@@ -309,11 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True)
     g.add_argument("--chat", action="store_true", help="render the prompt with the chat template")
     g.add_argument("--adapter", help="adapter folder from qalora train, applied unmerged on --model")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
-    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
-    g.add_argument("--seed", type=int, help="sampling seed")
+    add_dataclass_args(g, DecodeConfig)  # --max-new-tokens --temperature ... --compile --head-bits
     g.add_argument("--kernel", default="auto", choices=KERNEL_CHOICES)
     g.set_defaults(func=cmd_generate)
     return p

@@ -225,3 +225,46 @@ class PipelineConfig:
 
     def lora_config(self) -> LoraConfig:
         return LoraConfig(rank=self.rank)
+
+
+HEAD_BITS = (0, 2, 3, 4, 8)
+
+
+@dataclass
+class DecodeConfig:
+    """How ``qalora generate`` / ``qalora.generate`` decode (``qalora.decode``).
+
+    Attributes:
+        max_new_tokens: tokens generated per sequence (fewer when every sequence ends with eos).
+        temperature: 0 = greedy; > 0 samples from ``softmax(logits / temperature)``.
+        top_k: sample among the k most likely tokens (0 = all).
+        top_p: nucleus sampling: the smallest set of tokens whose probability reaches ``top_p``.
+        seed: sampling seed (a generator of the call's own; ``None``: one drawn from torch's).
+        compile: compile the one-token decode step with ``torch.compile`` (static shapes: the KV
+            cache is preallocated); pays after its one-time compilation (minutes on 2 cores).
+        head_bits: quantize the output head in memory before decoding, RTN per (row, group) of
+            ``head_group_size`` input columns (0 keeps it as loaded; 2/3/4 run on the int4 kernel,
+            8 on the reference kernel). The head then computes exactly ``scale·q + offset``.
+        head_group_size: the head's quantization group.
+    """
+
+    max_new_tokens: int = field(default=64, metadata={"help": "tokens to generate"})
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy; > 0 samples"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass (with --temperature > 0)"})
+    top_k: int = field(default=0, metadata={"help": "sample among the k most likely tokens (0 = all)"})
+    seed: int | None = field(default=None, metadata={"help": "sampling seed"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the decode step (one-time compile, minutes)"})
+    head_bits: int = field(default=0, metadata={"help": "quantize the output head to 2, 3, 4 or 8 bits (0 = keep)"})
+    head_group_size: int = field(default=32, metadata={"help": "input columns per group of the quantized head"})
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise QaloraError(f"max_new_tokens {self.max_new_tokens!r} must be a positive integer")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise QaloraError(f"sampling needs temperature >= 0, 0 < top_p <= 1, top_k >= 0; "
+                              f"got {self.temperature}, {self.top_p}, {self.top_k}")
+        if self.head_bits not in HEAD_BITS:
+            raise QaloraError(f"head_bits {self.head_bits!r} is not supported; use one of {', '.join(map(str, HEAD_BITS))}")
+        if not isinstance(self.head_group_size, int) or self.head_group_size < 2:
+            raise QaloraError(f"head_group_size {self.head_group_size!r} must be an integer >= 2 that divides the "
+                              "hidden size, e.g. 32 or 64")

@@ -24,6 +24,10 @@ class QuantLinear(nn.Module):
     ``kernel`` picks the matmul: ``"auto"`` (int4 tinygemm when bits <= 4, L in {32, 64, 128,
     256} and the shape fits the kernel; else reference), ``"int4"`` or ``"reference"``. A kernel's repacked weights are cached per device and rebuilt when the
     buffers change (e.g. after a merge writes new offsets).
+
+    ``bind_kernel(rows, device)`` fixes the kernel and its prepared state for the no-grad calls
+    that follow (the decode loop's hot path: no kernel selection, no cache-key check per call,
+    and nothing that stops ``torch.compile`` from tracing the call); ``unbind_kernel()`` ends it.
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = False,
@@ -43,6 +47,7 @@ class QuantLinear(nn.Module):
         else:
             self.bias = None
         self._kernel_state: dict = {}
+        self._bound = None
 
     @property
     def kernel(self) -> str:
@@ -87,6 +92,15 @@ class QuantLinear(nn.Module):
         else:
             self._kernel_state.pop(kernel, None)
 
+    def bind_kernel(self, rows: int, device: torch.device) -> None:
+        """Use the kernel ``kernel`` selects for ``rows`` input rows, with its state prepared
+        now, for every no-grad call until ``unbind_kernel`` (the buffers must not change meanwhile)."""
+        kernel = select_kernel(self, device, rows, self._kernel)
+        self._bound = (kernel.matmul, self._state_for(kernel, device))
+
+    def unbind_kernel(self) -> None:
+        self._bound = None
+
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``[out, in]`` dense ``scale * q + offset`` (one layer, for backward or inspection)."""
         return dequantized_weight(self, dtype)
@@ -100,7 +114,11 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> y: [..., out]
         lead = x.shape[:-1]
-        y = frozen_linear(x.reshape(-1, self.in_features), self)  # [M, out]
+        bound = self._bound
+        if bound is not None and not torch.is_grad_enabled():
+            y = bound[0](x.reshape(-1, self.in_features), self, bound[1])  # [M, out]
+        else:
+            y = frozen_linear(x.reshape(-1, self.in_features), self)  # [M, out]
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features)
