@@ -412,3 +412,12 @@ def test_scale_md_is_what_scale_doc_writes():
         assert all(r["peak_rss_bytes"] < 24 * 2**30 for r in runs[key]["data"]["rows"]), f"{key}: over 24 GiB"
     runs["tinyllama"]["rows"]["merge"]["peak_rss_bytes"] += 10**7
     assert doc.render(runs, prose) != md
+
+
+def test_speed_block_is_speed_json_table():
+    """The README's speed block is ``benchmarks/speed.py``'s printed table, as its JSON holds it."""
+    section = README[README.index("### Speed:"):]
+    section = section[:section.index("\n## ")]
+    assert "benchmarks/results/speed.json" in section
+    blocks = re.findall(r"```\n(system .*?)\n```", section, re.S)
+    assert blocks == [load("benchmarks/results/speed.json")["table"]], "README speed block differs from speed.json"

@@ -281,3 +281,22 @@ def test_scored_positions_loss_equals_the_full_head(tmp_path, q_dir, data_file):
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=0)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["qalora", "lora"])
+def test_chunked_head_loss_trains_as_the_whole_logits_path(tmp_path, request, data_file, monkeypatch, method):
+    """A few steps with the chunked head + cross entropy (the default for a plain model) end
+    with the losses and adapters of the whole-logits path, to fp32 rounding (rtol 1e-4 after 4
+    steps of lr 1e-2)."""
+    from qalora.training import head_loss
+
+    base = request.getfixturevalue("q_dir" if method == "qalora" else "fp_dir")  # one: q_dir quantizes in place
+    c = cfg(data_file, steps=4, eval_every=4, save_every=4, method=method)
+    fused = train(base, tmp_path / "fused", c, LORA, progress=False)
+    monkeypatch.setattr(head_loss, "applies", lambda model: False)
+    whole = train(base, tmp_path / "whole", c, LORA, progress=False)
+    a, b = load_file(tmp_path / "fused" / "adapter.safetensors"), load_file(tmp_path / "whole" / "adapter.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    assert math.isclose(fused["val_loss_end"], whole["val_loss_end"], rel_tol=1e-5)

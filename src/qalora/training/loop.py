@@ -32,6 +32,7 @@ from qalora.adapters.methods import method_kinds
 from qalora.config import LoraConfig, TrainConfig
 from qalora.errors import QaloraError
 from qalora.io import read_json, write_json
+from qalora.training import head_loss
 from qalora.training.optim import Optimizers
 from qalora.training.data import TrainData, load_train_data
 from qalora.training.distributed import Ranks, full, micro_seed, no_sync, wrap
@@ -71,9 +72,18 @@ def _token_loss_sum(model, batch: dict, dtype_ctx, device: torch.device | str = 
     Only the ``K`` positions some sequence scores get logits (``logits_to_keep``): the head's
     ``[B, K, vocab]`` instead of ``[B, T, vocab]``, and prompts, which are most of an instruction
     batch, cost no head matmul at all. Rows that are the same as the full head's, up to the
-    GEMM's blocking (fp32)."""
+    GEMM's blocking (fp32). A plain model in one process goes further (``head_loss``): its
+    decoder's hidden states at those positions meet the head in row chunks, and the logits are
+    never held whole."""
     labels = batch["labels"]
     keep = scored_positions(labels)
+    if head_loss.applies(model):
+        with dtype_ctx():
+            hidden = model.get_decoder()(input_ids=batch["input_ids"].to(device),
+                                         attention_mask=batch["attention_mask"].to(device)).last_hidden_state
+        h = hidden[:, keep.to(device)]                                                 # [B, K, d]
+        target = labels[:, 1:][:, keep].to(device)                                     # [B, K]
+        return head_loss.fused_head_ce(h.reshape(-1, h.shape[-1]), model.get_output_embeddings(), target.reshape(-1))
     with dtype_ctx():
         logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                        logits_to_keep=keep.to(device)).logits                        # [B, K, vocab]
