@@ -27,6 +27,10 @@ QA = [("What is two plus two?", "Four."), ("Name a colour.", "Blue."), ("Say hel
 # amplified by a few AdamW steps (Adam divides by sqrt(v), so relative gradient differences of
 # ~1e-7 become parameter differences of ~lr·1e-6 per step).
 RTOL, ATOL = 1e-4, 1e-5
+# One process computes the head + cross entropy in row chunks (training.head_loss); under DDP the
+# loss goes through the wrapper's forward, whole logits. Another summation order again: measured
+# 2.2e-5 on adapter entries near zero (values up to 0.7) after 2 and 4 steps.
+ATOL_ACROSS_LOSS_PATHS = 5e-5
 
 
 @pytest.mark.parametrize("world, accum", [(1, 3), (2, 1), (2, 3), (4, 2)])
@@ -115,11 +119,11 @@ def _kill_after_first_checkpoint(proc, out) -> None:
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-000002"
 
 
-def _assert_same_adapter(a_dir, b_dir):
+def _assert_same_adapter(a_dir, b_dir, atol: float = ATOL):
     a, b = load_file(str(a_dir / "adapter.safetensors")), load_file(str(b_dir / "adapter.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=RTOL, atol=ATOL, msg=k)
+        torch.testing.assert_close(a[k], b[k], rtol=RTOL, atol=atol, msg=k)
     assert any(t.abs().sum() > 0 for k, t in a.items() if "lora_B" in k)  # it trained
 
 
@@ -131,7 +135,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(base, tmp_path):
     two = _torchrun(2, _args(base, tmp_path / "two", 4, 1))
     assert two.returncode == 0, two.stderr[-2000:]
     assert two.stdout.count("wrote ") == 1 and "2 processes" in two.stdout  # one report, from process 0
-    _assert_same_adapter(tmp_path / "one", tmp_path / "two")
+    _assert_same_adapter(tmp_path / "one", tmp_path / "two", atol=ATOL_ACROSS_LOSS_PATHS)
     losses = [[json.loads(ln) for ln in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("one", "two")]
     assert [r["step"] for r in losses[0]] == [r["step"] for r in losses[1]]
     for r1, r2 in zip(*losses):
@@ -159,7 +163,7 @@ def test_two_processes_killed_resume_in_one(base, tmp_path):
     assert len(wrong.stderr.strip().splitlines()) == 1
     again = _one(_args(base, killed, 6, 2, "--resume"))
     assert again.returncode == 0, again.stderr[-2000:]
-    _assert_same_adapter(tmp_path / "full", killed)
+    _assert_same_adapter(tmp_path / "full", killed, atol=ATOL_ACROSS_LOSS_PATHS)  # 2 steps distributed, 4 in one
 
 
 @pytest.mark.parametrize("method", [["qalora"], ["lota", "--lota-omega", "1"]], ids=["qalora", "lota"])
@@ -193,4 +197,4 @@ def test_fsdp2_checkpoint_resumes_in_one_process(base, tmp_path):
     _kill_after_first_checkpoint(proc, killed)
     again = _one(_args(base, killed, 6, 2, "--resume"))
     assert again.returncode == 0, again.stderr[-2000:]
-    _assert_same_adapter(tmp_path / "full", killed)
+    _assert_same_adapter(tmp_path / "full", killed, atol=ATOL_ACROSS_LOSS_PATHS)  # 2 steps distributed, 4 in one
