@@ -177,6 +177,11 @@ def cmd_reproduce(args) -> int:
         raise QaloraError("--tasks and --task-rows apply to --suite tasks only")
     if args.docs and not Path(args.docs).expanduser().resolve().parent.is_dir():
         raise QaloraError(f"--docs {args.docs!r}: its parent folder does not exist")
+    previous = None
+    if args.docs and args.suite == "methods" and (Path(args.docs) / "methods.json").is_file():
+        from qalora.io import read_json
+
+        previous = read_json(Path(args.docs) / "methods.json", "methods report")  # readable before any work
     summary = reproduce(args.out, args.budget, args.model, suite=args.suite, grids=grids, cached_only=args.cached_only,
                         tasks=args.tasks, task_rows=args.task_rows, progress=not args.quiet)
     if args.suite == "tasks":
@@ -193,12 +198,14 @@ def cmd_reproduce(args) -> int:
                 print(f"wrote {Path(args.docs) / name}")
         return 0
     if args.suite == "methods":
-        from qalora.reproduce.methods import methods_table
+        from qalora.reproduce.methods import merge_summaries, methods_table
 
+        if args.docs:  # the report keeps the earlier calls' rows of other grids (rows stay cached in --out)
+            path = Path(args.docs) / "methods.json"
+            summary = merge_summaries(previous, summary)
         print(methods_table(summary["rows"]))
         if args.docs:
             Path(args.docs).mkdir(exist_ok=True)
-            path = Path(args.docs) / "methods.json"
             write_json(path, summary)
             print(f"wrote {path}")
         return 0

@@ -242,3 +242,27 @@ def test_tasks_suite_smoke(tmp_path):
         reproduce(tmp_path / "out", "smoke", str(tmp_path / "fp"), **{**kw, "tasks": ["nope"]})
     with pytest.raises(QaloraError, match="task row 'x' is unknown"):
         reproduce(tmp_path / "out", "smoke", str(tmp_path / "fp"), **{**kw, "task_rows": ["x"]})
+
+
+def _methods_summary(grids, rows, **kw):
+    return {"suite": "methods", "budget": "small", "source_sha256": "abc", "budget_settings": {"steps": 100},
+            "grids": grids, "machine": {"cpu": "x"}, "cached_only": True, "seconds_this_call": 1.0,
+            "rows": [{"id": f"{name}-int{b}-g{g}", "row": name, "bits": b, "group_size": g, "heldout_loss": loss}
+                     for name, b, g, loss in rows], **kw}
+
+
+def test_methods_report_grows_grid_by_grid():
+    from qalora.reproduce.methods import merge_summaries
+
+    first = _methods_summary(["int3-g32"], [("gptq", 3, 32, 2.9), ("qalora", 3, 32, 2.3)])
+    second = _methods_summary(["int4-g64"], [("gptq", 4, 64, 1.8)])
+    merged = merge_summaries(first, second)
+    assert merged["grids"] == ["int3-g32", "int4-g64"]                      # GRIDS order
+    assert [(r["row"], r["bits"]) for r in merged["rows"]] == [("gptq", 3), ("qalora", 3), ("gptq", 4)]
+    assert [e["grids"] for e in merged["earlier"]] == [["int3-g32"], ["int4-g64"]]
+    redo = merge_summaries(merged, _methods_summary(["int3-g32"], [("gptq", 3, 32, 2.8)]))
+    assert sorted((r["row"], r["bits"], r["heldout_loss"]) for r in redo["rows"]) == [("gptq", 3, 2.8), ("gptq", 4, 1.8)]
+    assert [e["grids"] for e in redo["earlier"]] == [["int4-g64"], ["int3-g32"]]  # int3's old call is gone
+    assert merge_summaries(None, second) is second
+    with pytest.raises(QaloraError, match="budget"):
+        merge_summaries(first, {**second, "budget": "smoke"})

@@ -160,3 +160,34 @@ def run_methods(ws, grids=GRIDS, rows=METHOD_ROWS, say=print, cached_only: bool 
             say(f"methods: {row_id(row, bits, group)}")
             done.append(method_row(ws, row, bits, group))
     return done
+
+
+def merge_summaries(previous: dict | None, summary: dict) -> dict:
+    """``summary`` with the rows of ``previous`` (an earlier ``methods.json``) for the grids this
+    call did not cover, so one report grows grid by grid over several calls (each run's work
+    folder may be gone by the next). Rows of a grid this call covers come from this call only.
+    ``previous`` must be of the same budget and model (one-line error otherwise); what each
+    earlier call contributed is kept under ``earlier``."""
+    from qalora.errors import QaloraError
+
+    if not previous:
+        return summary
+    for key in ("suite", "budget", "source_sha256", "budget_settings"):
+        if previous.get(key) != summary.get(key):
+            raise QaloraError(f"the earlier methods.json has {key} {previous.get(key)!r}, this run "
+                              f"{summary.get(key)!r}; write the report into another --docs folder")
+    now = set(summary["grids"])
+    kept = [r for r in previous.get("rows", []) if f"int{r['bits']}-g{r['group_size']}" not in now]
+    if not kept:
+        return summary
+    kept_grids = sorted({f"int{r['bits']}-g{r['group_size']}" for r in kept})
+    earlier = [e for e in previous.get("earlier", []) if set(e["grids"]) & set(kept_grids)]
+    if not previous.get("earlier"):
+        earlier = [{"grids": kept_grids, "machine": previous.get("machine"), "cached_only": previous.get("cached_only"),
+                    "seconds_this_call": previous.get("seconds_this_call")}]
+    order = {f"int{b}-g{g}": i for i, (b, g) in enumerate(GRIDS)}
+    rows = sorted(kept + summary["rows"], key=lambda r: order.get(f"int{r['bits']}-g{r['group_size']}", 99))
+    this = {"grids": summary["grids"], "machine": summary.get("machine"), "cached_only": summary.get("cached_only"),
+            "seconds_this_call": summary.get("seconds_this_call")}
+    return {**summary, "grids": sorted(now | set(kept_grids), key=lambda g: order.get(g, 99)), "rows": rows,
+            "earlier": earlier + [this]}
