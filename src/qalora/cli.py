@@ -173,6 +173,8 @@ def cmd_reproduce(args) -> int:
         grids = [parse_grid(g) for g in args.grids]
     if args.cached_only and args.suite != "methods":
         raise QaloraError("--cached-only applies to --suite methods only")
+    if args.method_rows and args.suite != "methods":
+        raise QaloraError("--method-rows applies to --suite methods only")
     if (args.tasks or args.task_rows) and args.suite != "tasks":
         raise QaloraError("--tasks and --task-rows apply to --suite tasks only")
     if args.docs and not Path(args.docs).expanduser().resolve().parent.is_dir():
@@ -183,7 +185,8 @@ def cmd_reproduce(args) -> int:
 
         previous = read_json(Path(args.docs) / "methods.json", "methods report")  # readable before any work
     summary = reproduce(args.out, args.budget, args.model, suite=args.suite, grids=grids, cached_only=args.cached_only,
-                        tasks=args.tasks, task_rows=args.task_rows, progress=not args.quiet)
+                        tasks=args.tasks, task_rows=args.task_rows, method_rows=args.method_rows,
+                        progress=not args.quiet)
     if args.suite == "tasks":
         from qalora.reproduce.tasks_report import tasks_markdown
 
@@ -293,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--task-rows", nargs="+", default=None,
                    help="--suite tasks: only these rows (base lora qlora qlora+rtn qlora+gptq qalora "
                         "qalora+scales peqa lota lota+qalora; default all)")
+    r.add_argument("--method-rows", nargs="+", default=None,
+                   help="--suite methods: only these rows (gptq qalora qalora+scales peqa lota lota+qalora qlora+gptq "
+                        "lota-omega32 lota-r8; default all)")
     r.add_argument("--cached-only", action="store_true",
                    help="--suite methods: report the rows already computed in --out, build nothing")
     r.add_argument("--out", default="qalora-reproduce", help="work folder (bases, adapters, models, row results)")

@@ -251,7 +251,7 @@ def _methods_summary(grids, rows, **kw):
                      for name, b, g, loss in rows], **kw}
 
 
-def test_methods_report_grows_grid_by_grid():
+def test_methods_report_grows_row_by_row():
     from qalora.reproduce.methods import merge_summaries
 
     first = _methods_summary(["int3-g32"], [("gptq", 3, 32, 2.9), ("qalora", 3, 32, 2.3)])
@@ -259,10 +259,10 @@ def test_methods_report_grows_grid_by_grid():
     merged = merge_summaries(first, second)
     assert merged["grids"] == ["int3-g32", "int4-g64"]                      # GRIDS order
     assert [(r["row"], r["bits"]) for r in merged["rows"]] == [("gptq", 3), ("qalora", 3), ("gptq", 4)]
-    assert [e["grids"] for e in merged["earlier"]] == [["int3-g32"], ["int4-g64"]]
-    redo = merge_summaries(merged, _methods_summary(["int3-g32"], [("gptq", 3, 32, 2.8)]))
-    assert sorted((r["row"], r["bits"], r["heldout_loss"]) for r in redo["rows"]) == [("gptq", 3, 2.8), ("gptq", 4, 1.8)]
-    assert [e["grids"] for e in redo["earlier"]] == [["int4-g64"], ["int3-g32"]]  # int3's old call is gone
+    assert [e["rows"] for e in merged["earlier"]] == [["gptq-int3-g32", "qalora-int3-g32"], ["gptq-int4-g64"]]
+    redo = merge_summaries(merged, _methods_summary(["int3-g32"], [("gptq", 3, 32, 2.8), ("peqa", 3, 32, 1.4)]))
+    assert [(r["row"], r["bits"], r["heldout_loss"]) for r in redo["rows"]] == \
+        [("gptq", 3, 2.8), ("qalora", 3, 2.3), ("peqa", 3, 1.4), ("gptq", 4, 1.8)]  # replaced, kept, added
     assert merge_summaries(None, second) is second
     with pytest.raises(QaloraError, match="budget"):
         merge_summaries(first, {**second, "budget": "smoke"})

@@ -16,6 +16,9 @@ and seed for every tuned row)::
                     INT3 g32 only. Lower thresholds diverge at this batch size (ω = 24: training
                     loss 9.5, 9.4, 17.2 at steps 2-4 where ω = 48 has 2.4, 4.8, 6.6; ω = 16: 17.8,
                     14.5, 69.1).
+    lota-r8         LoTA-QAF at rank 8 with the paper's ω = 0.75 r = 6: a code moves where 6 of 8
+                    ternary products agree, which 100 steps reach far more often than 48 of 64
+                    (INT3 g32 only).
 
 Every tuned row is merged (exactly, verified; or re-quantized for ``qlora+gptq``) and the
 *merged* model's held-out instruction loss is measured (fp32, every held-out example). What the
@@ -62,6 +65,7 @@ METHOD_ROWS = (
     MethodRow("qlora+gptq", "qlora", label="QLoRA w/ GPTQ (lossy)"),
     MethodRow("lota-omega32", "lota", {"lota_omega": 32.0}, label="LoTA-QAF, ω = 32 (0.5 r)",
               grids=((3, 32),)),
+    MethodRow("lota-r8", "lota", {"rank": 8}, label="LoTA-QAF, r = 8 (ω = 6)", grids=((3, 32),)),
 )
 
 
@@ -163,11 +167,11 @@ def run_methods(ws, grids=GRIDS, rows=METHOD_ROWS, say=print, cached_only: bool 
 
 
 def merge_summaries(previous: dict | None, summary: dict) -> dict:
-    """``summary`` with the rows of ``previous`` (an earlier ``methods.json``) for the grids this
-    call did not cover, so one report grows grid by grid over several calls (each run's work
-    folder may be gone by the next). Rows of a grid this call covers come from this call only.
-    ``previous`` must be of the same budget and model (one-line error otherwise); what each
-    earlier call contributed is kept under ``earlier``."""
+    """``summary`` with the rows of ``previous`` (an earlier ``methods.json``) that this call did
+    not produce (by row id: method row and grid), so one report grows row by row and grid by
+    grid over several calls (each run's work folder may be gone by the next). A row this call
+    produced replaces the earlier one. ``previous`` must be of the same budget and model
+    (one-line error otherwise); what each call contributed is listed under ``earlier``."""
     from qalora.errors import QaloraError
 
     if not previous:
@@ -176,18 +180,19 @@ def merge_summaries(previous: dict | None, summary: dict) -> dict:
         if previous.get(key) != summary.get(key):
             raise QaloraError(f"the earlier methods.json has {key} {previous.get(key)!r}, this run "
                               f"{summary.get(key)!r}; write the report into another --docs folder")
-    now = set(summary["grids"])
-    kept = [r for r in previous.get("rows", []) if f"int{r['bits']}-g{r['group_size']}" not in now]
+    now = {r["id"] for r in summary["rows"]}
+    kept = [r for r in previous.get("rows", []) if r["id"] not in now]
     if not kept:
         return summary
-    kept_grids = sorted({f"int{r['bits']}-g{r['group_size']}" for r in kept})
-    earlier = [e for e in previous.get("earlier", []) if set(e["grids"]) & set(kept_grids)]
-    if not previous.get("earlier"):
-        earlier = [{"grids": kept_grids, "machine": previous.get("machine"), "cached_only": previous.get("cached_only"),
-                    "seconds_this_call": previous.get("seconds_this_call")}]
+    def grid(r):
+        return f"int{r['bits']}-g{r['group_size']}"
+    earlier = previous.get("earlier") or [{"grids": previous.get("grids"), "rows": [r["id"] for r in previous.get("rows", [])],
+                                           "machine": previous.get("machine"), "cached_only": previous.get("cached_only"),
+                                           "seconds_this_call": previous.get("seconds_this_call")}]
     order = {f"int{b}-g{g}": i for i, (b, g) in enumerate(GRIDS)}
-    rows = sorted(kept + summary["rows"], key=lambda r: order.get(f"int{r['bits']}-g{r['group_size']}", 99))
-    this = {"grids": summary["grids"], "machine": summary.get("machine"), "cached_only": summary.get("cached_only"),
-            "seconds_this_call": summary.get("seconds_this_call")}
-    return {**summary, "grids": sorted(now | set(kept_grids), key=lambda g: order.get(g, 99)), "rows": rows,
-            "earlier": earlier + [this]}
+    names = [r.name for r in METHOD_ROWS]
+    rows = sorted(kept + summary["rows"], key=lambda r: (order.get(grid(r), 99), names.index(r["row"]) if r["row"] in names else 99))
+    this = {"grids": summary["grids"], "rows": sorted(now), "machine": summary.get("machine"),
+            "cached_only": summary.get("cached_only"), "seconds_this_call": summary.get("seconds_this_call")}
+    grids = sorted({grid(r) for r in rows}, key=lambda g: order.get(g, 99))
+    return {**summary, "grids": grids, "rows": rows, "earlier": earlier + [this]}

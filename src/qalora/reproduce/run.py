@@ -81,7 +81,7 @@ class Workspace:
         fields = {**dict(steps=b.steps, batch_size=b.batch_size, max_seq_len=b.max_seq_len, lr=b.lr, seed=b.seed),
                   **(overrides or {})}
         cfg = TrainConfig(method=method, eval_every=fields["steps"], save_every=max(1, fields["steps"] // 4), **fields)
-        lora = LoraConfig(rank=b.rank, alpha=b.alpha, **switches)
+        lora = LoraConfig(**{"rank": b.rank, "alpha": b.alpha, **switches})  # a row may set its own rank
         if (path / ADAPTER_CONFIG).is_file():
             done = read_adapter_config(path)
             wanted = {"base_sha256": base_fingerprint(method, base), "train_config": cfg.to_dict(), "rank": lora.rank,
@@ -274,6 +274,7 @@ SUITES = ("paper", "methods", "tasks")
 def reproduce(out: str | os.PathLike = "qalora-reproduce", budget: str = "small", model: str = "default", *,
               rows: list[Row] | None = None, suite: str = "paper", grids: list[tuple[int, int]] | None = None,
               cached_only: bool = False, tasks: list[str] | None = None, task_rows: list[str] | None = None,
+              method_rows: list[str] | None = None,
               limit: int | None = None, progress: bool = True) -> dict:
     """Run (or resume) every row of ``suite`` under ``out``; returns and writes
     ``out/results.json`` (paper: :mod:`qalora.reproduce.plan`) or ``out/methods.json``
@@ -285,7 +286,7 @@ def reproduce(out: str | os.PathLike = "qalora-reproduce", budget: str = "small"
     if suite not in SUITES:
         raise QaloraError(f"suite {suite!r} is unknown; use one of: {', '.join(SUITES)}")
     b = get_budget(budget)
-    grids = _check_suite_args(suite, grids, tasks, task_rows)  # before anything is written
+    grids = _check_suite_args(suite, grids, tasks, task_rows, method_rows)  # before anything is written
     root = work_dir(out)
     ws = Workspace(root, model, b, progress)
     plan = {"budget": b.name, "model": str(model), "source_sha256": ws.source_sha256,
@@ -301,15 +302,17 @@ def reproduce(out: str | os.PathLike = "qalora-reproduce", budget: str = "small"
     else:
         write_json(root / "plan.json", plan)
     if suite == "methods":
-        from qalora.reproduce.methods import GRIDS, run_methods
+        from qalora.reproduce.methods import GRIDS, METHOD_ROWS, run_methods
 
         t0 = time.time()
-        done = run_methods(ws, grids, say=lambda m: _say(m, progress), cached_only=cached_only)
-        summary = {**plan, "suite": "methods", "cached_only": cached_only, "grids": [f"int{b}-g{g}" for b, g in grids], "machine": machine(),
+        rows = [r for r in METHOD_ROWS if method_rows is None or r.name in method_rows]
+        done = run_methods(ws, grids, rows, say=lambda m: _say(m, progress), cached_only=cached_only)
+        summary = {**plan, "suite": "methods", "cached_only": cached_only, "grids": [f"int{b}-g{g}" for b, g in grids],
+                   "method_rows": [r.name for r in rows], "machine": machine(),
                    "rows": done,
                    "seconds_this_call": round(time.time() - t0, 1)}
         if not cached_only:
-            write_json(root / ("methods.json" if grids == list(GRIDS) else
+            write_json(root / ("methods.json" if grids == list(GRIDS) and method_rows is None else
                                "methods-" + "-".join(f"int{b}g{g}" for b, g in grids) + ".json"), summary)
         return summary
     if suite == "tasks":
@@ -330,7 +333,7 @@ def reproduce(out: str | os.PathLike = "qalora-reproduce", budget: str = "small"
 DEFAULT_TASKS = ("sst2", "arithmetic")
 
 
-def _check_suite_args(suite: str, grids, tasks, task_rows) -> list | None:
+def _check_suite_args(suite: str, grids, tasks, task_rows, method_rows=None) -> list | None:
     """Refuse a grid, task or task row the suite does not have (one line); returns the grids."""
     if suite == "paper":
         return grids
@@ -351,6 +354,12 @@ def _check_suite_args(suite: str, grids, tasks, task_rows) -> list | None:
     bad_rows = [r for r in task_rows or () if r not in names]
     if bad_rows:
         raise QaloraError(f"task row {bad_rows[0]!r} is unknown; use: {', '.join(names)}")
+    from qalora.reproduce.methods import METHOD_ROWS
+
+    mnames = [r.name for r in METHOD_ROWS]
+    bad_rows = [r for r in method_rows or () if r not in mnames]
+    if bad_rows:
+        raise QaloraError(f"method row {bad_rows[0]!r} is unknown; use: {', '.join(mnames)}")
     return grids
 
 
