@@ -16,7 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
+from speed_common import ROOT, Settings, rtn_checkpoint
+
 sys.path.insert(0, str(ROOT.parent / "src"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -33,14 +34,12 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     import qalora
-    from qalora.config import DecodeConfig, QuantConfig
+    from qalora.config import DecodeConfig
     from qalora.decode import decode, quantize_head
     from qalora.decode.step import bound_kernels, cache_for, compiled_step, eager_step
 
-    torch.set_num_threads(2)
-    ckpt = Path(args.work) / "int4-g32-rtn"
-    if not (ckpt / "qalora.json").is_file():
-        qalora.quantize("default", ckpt, QuantConfig(bits=4, method="rtn"), progress=False)
+    torch.set_num_threads(Settings().threads)
+    ckpt = rtn_checkpoint(Path(args.work), 4)
     model = qalora.load(ckpt, kernel="auto").eval()
     if args.head_bits:
         quantize_head(model, args.head_bits)

@@ -103,7 +103,7 @@ from importlib import metadata
 from pathlib import Path
 
 
-from speed_common import RESULT_TAG, RESULTS, ROOT, Settings, Skip, peak_rss_mb
+from speed_common import RESULT_TAG, RESULTS, ROOT, Settings, Skip, peak_rss_mb, rtn_checkpoint_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,7 +231,7 @@ class Inputs:
         return path
 
     def rtn(self, bits: int) -> Path:
-        return self._make("quantize", self.work / f"int{bits}-g32-rtn", {"bits": bits},
+        return self._make("quantize", rtn_checkpoint_path(self.work, bits), {"bits": bits},
                           lambda p: (p / "qalora.json").is_file())
 
     def merged(self, bits: int) -> tuple[Path, str]:

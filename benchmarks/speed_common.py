@@ -51,3 +51,19 @@ def require(module: str, what: str, install: str) -> None:
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
+
+def rtn_checkpoint_path(work: Path, bits: int) -> Path:
+    """Where ``speed.py`` keeps (and the profiles look for) the embedded model's ``bits``-bit g32
+    RTN checkpoint inside ``--work``."""
+    return Path(work) / f"int{bits}-g32-rtn"
+
+
+def rtn_checkpoint(work: Path, bits: int = 4) -> Path:
+    """That checkpoint, quantized now if it is not there yet (the profiles' input)."""
+    path = rtn_checkpoint_path(work, bits)
+    if not (path / "qalora.json").is_file():
+        import qalora
+        from qalora.config import QuantConfig
+
+        qalora.quantize("default", path, QuantConfig(bits=bits, method="rtn"), progress=False)
+    return path

@@ -12,7 +12,7 @@ from contextlib import nullcontext
 from speed_common import INSTALL, Settings, peak_rss_mb, require
 
 
-def _train_batch(vocab: int, batch_size: int, seq_len: int) -> dict:
+def train_batch(vocab: int, batch_size: int, seq_len: int) -> dict:
     import torch
 
     g = torch.Generator().manual_seed(0)
@@ -62,7 +62,7 @@ def train_qalora(method: str, model_path: str, s: Settings, grad_ckpt: bool = Fa
         net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optim = Optimizers(net, cfg)
     load_s, rss_load = time.perf_counter() - t0, peak_rss_mb()
-    batch = _train_batch(net.config.vocab_size, cfg.batch_size, cfg.max_seq_len)
+    batch = train_batch(net.config.vocab_size, cfg.batch_size, cfg.max_seq_len)
 
     def step():
         optim.clip(cfg.max_grad_norm)
@@ -121,7 +121,7 @@ def train_peft(bnb: bool, grad_ckpt: bool, s: Settings) -> dict:
     params = [p for p in pm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     load_s, rss_load = time.perf_counter() - t0, peak_rss_mb()
-    batch = _train_batch(model.config.vocab_size, cfg.batch_size, cfg.max_seq_len)
+    batch = train_batch(model.config.vocab_size, cfg.batch_size, cfg.max_seq_len)
 
     def step():
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -247,8 +247,6 @@ def decode_hf(row: str, spec: dict, s: Settings) -> dict:
     return {**_hf_speed(model, tok, s, loop), "head": f"int{head_bits} g32 RTN (in memory)" if head_bits else "as loaded",
             "load_s": load_s, "peak_rss_after_load_mb": rss_load,
             **{k: spec[k] for k in ("model", "adapter", "source") if k in spec}}
-
-
 
 
 def gptq_layer(s: Settings) -> dict:

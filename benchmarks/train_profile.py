@@ -18,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
+from speed_common import ROOT, Settings, peak_rss_mb, rtn_checkpoint
+
 sys.path.insert(0, str(ROOT.parent / "src"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -33,20 +34,16 @@ def main() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from speed_common import Settings, peak_rss_mb
-    from speed_hf import _train_batch
+    from speed_hf import train_batch
 
-    import qalora
     from qalora.adapters.attach import add_adapters
     from qalora.adapters.base import load_base
-    from qalora.config import LoraConfig, QuantConfig, TrainConfig
+    from qalora.config import LoraConfig, TrainConfig
     from qalora.training.loop import _token_loss_sum
     from qalora.training.optim import Optimizers
 
     torch.set_num_threads(Settings().threads)
-    ckpt = Path(args.work) / "int4-g32-rtn"
-    if not (ckpt / "qalora.json").is_file():
-        qalora.quantize("default", ckpt, QuantConfig(bits=4, method="rtn"), progress=False)
+    ckpt = rtn_checkpoint(Path(args.work), 4)
     cfg, lora = TrainConfig(), LoraConfig()
     net = load_base("qalora", str(ckpt), cfg.compute_dtype).model
     torch.manual_seed(cfg.seed)
@@ -54,7 +51,7 @@ def main() -> None:
     if args.grad_ckpt:
         net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optim = Optimizers(net, cfg)
-    batch = _train_batch(net.config.vocab_size, cfg.batch_size, cfg.max_seq_len)
+    batch = train_batch(net.config.vocab_size, cfg.batch_size, cfg.max_seq_len)
     n = int((batch["labels"][:, 1:] != -100).sum())
     net.train()
 

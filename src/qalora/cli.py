@@ -127,7 +127,6 @@ def cmd_generate(args) -> int:
     from transformers import TextStreamer
 
     from qalora.api import generate, load_model_and_tokenizer
-
     from qalora.config import DecodeConfig
 
     config = dataclass_from_args(DecodeConfig, args)  # validated before any weights load
@@ -203,14 +202,15 @@ def cmd_reproduce(args) -> int:
     if args.suite == "methods":
         from qalora.reproduce.methods import merge_summaries, methods_table
 
-        if args.docs:  # the report keeps the earlier calls' rows of other grids (rows stay cached in --out)
-            path = Path(args.docs) / "methods.json"
-            summary = merge_summaries(previous, summary)
+        if not args.docs:
+            print(methods_table(summary["rows"]))
+            return 0
+        summary = merge_summaries(previous, summary)  # the report keeps earlier calls' other rows
         print(methods_table(summary["rows"]))
-        if args.docs:
-            Path(args.docs).mkdir(exist_ok=True)
-            write_json(path, summary)
-            print(f"wrote {path}")
+        Path(args.docs).mkdir(exist_ok=True)
+        path = Path(args.docs) / "methods.json"
+        write_json(path, summary)
+        print(f"wrote {path}")
         return 0
     if args.docs:
         notes = Path(args.notes).read_text() if args.notes else ""

@@ -46,6 +46,7 @@ def decode(model, ids: torch.Tensor, config: DecodeConfig | None = None, *, eos_
         raise QaloraError(f"min_new_tokens {min_new_tokens!r} must be in [0, max_new_tokens = {config.max_new_tokens}]")
     eos = _eos_ids(eos_token_id)
     device = next(model.parameters()).device
+    eos_t = torch.tensor(eos, dtype=torch.long, device=device)
     ids = ids.to(device)
     batch, prompt_len = ids.shape
     generator = None
@@ -67,7 +68,7 @@ def decode(model, ids: torch.Tensor, config: DecodeConfig | None = None, *, eos_
                 nxt = choose(logits, config.temperature, config.top_k, config.top_p, generator)  # [B, 1]
                 if eos:
                     nxt = torch.where(done[:, None], torch.full_like(nxt, eos[0]), nxt)
-                    done |= torch.isin(nxt[:, 0], torch.tensor(eos, device=device))
+                    done |= torch.isin(nxt[:, 0], eos_t)
                 out.append(nxt)
                 if streamer is not None:
                     streamer.put(nxt[0].cpu())

@@ -305,10 +305,10 @@ def reproduce(out: str | os.PathLike = "qalora-reproduce", budget: str = "small"
         from qalora.reproduce.methods import GRIDS, METHOD_ROWS, run_methods
 
         t0 = time.time()
-        rows = [r for r in METHOD_ROWS if method_rows is None or r.name in method_rows]
-        done = run_methods(ws, grids, rows, say=lambda m: _say(m, progress), cached_only=cached_only)
+        chosen = [r for r in METHOD_ROWS if method_rows is None or r.name in method_rows]
+        done = run_methods(ws, grids, chosen, say=lambda m: _say(m, progress), cached_only=cached_only)
         summary = {**plan, "suite": "methods", "cached_only": cached_only, "grids": [f"int{b}-g{g}" for b, g in grids],
-                   "method_rows": [r.name for r in rows], "machine": machine(),
+                   "method_rows": [r.name for r in chosen], "machine": machine(),
                    "rows": done,
                    "seconds_this_call": round(time.time() - t0, 1)}
         if not cached_only:

@@ -77,17 +77,16 @@ def _token_loss_sum(model, batch: dict, dtype_ctx, device: torch.device | str = 
     never held whole."""
     labels = batch["labels"]
     keep = scored_positions(labels)
+    target = labels[:, 1:][:, keep].to(device)                                         # [B, K]
     if head_loss.applies(model):
         with dtype_ctx():
             hidden = model.get_decoder()(input_ids=batch["input_ids"].to(device),
                                          attention_mask=batch["attention_mask"].to(device)).last_hidden_state
         h = hidden[:, keep.to(device)]                                                 # [B, K, d]
-        target = labels[:, 1:][:, keep].to(device)                                     # [B, K]
         return head_loss.fused_head_ce(h.reshape(-1, h.shape[-1]), model.get_output_embeddings(), target.reshape(-1))
     with dtype_ctx():
         logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                        logits_to_keep=keep.to(device)).logits                        # [B, K, vocab]
-    target = labels[:, 1:][:, keep].to(device)                                         # [B, K]
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
                            ignore_index=-100, reduction="sum")
 
