@@ -204,3 +204,41 @@ def test_pipeline_cli(setup, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "INT2 g32 RTN" in text and "validation loss" in text and "merge error fp64" in text
     assert not (tmp_path / "cli" / "model.gguf").exists()
+
+
+def test_pipeline_hashes_and_reads_each_file_once(setup, monkeypatch):
+    """One run: every file hashed once (when written, or when first read), each checkpoint and
+    adapter file read from disk once, and the tokenizer loaded for the source model and once for
+    the checkpoints (quantized and merged hold the same tokenizer files)."""
+    import re
+
+    import safetensors.torch
+    import transformers
+
+    import qalora.adapters.format as fmt
+    import qalora.checkpoint as ck
+    import qalora.io as qio
+    import qalora.stages.export as st_export
+
+    root, data = setup
+    hashed, read, tokenizers = [], [], []
+
+    def final(p):  # the path a staged file is renamed to
+        return re.sub(r"\.([\w-]+)\.tmp-[^/]+", r"\1", str(p)).replace(".adapter.safetensors.tmp", "adapter.safetensors")
+
+    real_sha, real_load = qio.sha256_file, safetensors.torch.load_file
+    for mod in (qio, ck, fmt, st_export):
+        monkeypatch.setattr(mod, "sha256_file", lambda p, *a: hashed.append(final(p)) or real_sha(p, *a))
+    for mod in (ck, fmt):
+        monkeypatch.setattr(mod, "load_file", lambda p, *a, **k: read.append(str(p)) or real_load(p, *a, **k))
+    real_tok = transformers.AutoTokenizer.from_pretrained.__func__
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        classmethod(lambda cls, p, *a, **k: tokenizers.append(str(p)) or real_tok(cls, p, *a, **k)))
+    out = root / "once"
+    pipeline(root / "fp", out, **_configs(data, steps=2), export="gguf", speed_tokens=2, progress=False)
+    assert len(hashed) == len(set(hashed)), sorted(p for p in hashed if hashed.count(p) > 1)
+    for f in ("quantized/model.safetensors", "merged/model.safetensors", "adapter/adapter.safetensors", "model.gguf"):
+        assert str(out / f) in hashed, f
+    assert sorted(read) == sorted(str(out / f) for f in ("quantized/model.safetensors", "merged/model.safetensors",
+                                                          "adapter/adapter.safetensors"))
+    assert sorted(tokenizers) == sorted([str(root / "fp"), str(out / "quantized")])

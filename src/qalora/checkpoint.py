@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qalora.errors import QaloraError
-from qalora.io import atomic_dir, is_sha256, read_json, sha256_file, write_json
+from qalora.io import FileCache, atomic_dir, is_sha256, read_json, sha256_file, write_json
 from qalora.nn.quant_linear import QuantLinear
 from qalora.safetensors_file import load_tensors
 from qalora.patch import set_submodule
@@ -68,8 +68,10 @@ def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_checkpoint(model: nn.Module, tokenizer, folder: Path, meta: dict) -> dict:
-    """Write the checkpoint files into an existing (staging) ``folder``; returns ``qalora.json``."""
+def write_checkpoint(model: nn.Module, tokenizer, folder: Path, meta: dict, files: FileCache | None = None) -> dict:
+    """Write the checkpoint files into an existing (staging) ``folder``; returns ``qalora.json``.
+    ``files``: the command's :class:`~qalora.io.FileCache`, told the weights' SHA-256 (computed
+    here), so a later load in the same command does not hash the file again."""
     layers = layer_table(model)
     if not layers:
         raise QaloraError("the model has no quantized layers to save; quantize it first")
@@ -80,19 +82,23 @@ def write_checkpoint(model: nn.Module, tokenizer, folder: Path, meta: dict) -> d
         model.generation_config.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+    digest = sha256_file(folder / WEIGHTS_FILE)
+    if files is not None:
+        files.remember(folder / WEIGHTS_FILE, digest)
     full = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "layers": layers,
-            "sha256": {WEIGHTS_FILE: sha256_file(folder / WEIGHTS_FILE)}}
+            "sha256": {WEIGHTS_FILE: digest}}
     write_json(folder / META_FILE, full)
     return full
 
 
-def save_checkpoint(model: nn.Module, tokenizer, out: str | os.PathLike, meta: dict) -> dict:
+def save_checkpoint(model: nn.Module, tokenizer, out: str | os.PathLike, meta: dict,
+                    files: FileCache | None = None) -> dict:
     """Write ``model`` (with its ``QuantLinear`` layers) to a new folder ``out``, atomically.
     Returns the ``qalora.json`` written (``meta`` plus format, layer table and hash)."""
     if not layer_table(model):
         raise QaloraError("the model has no quantized layers to save; quantize it first")
     with atomic_dir(out) as tmp:
-        return write_checkpoint(model, tokenizer, tmp, meta)
+        return write_checkpoint(model, tokenizer, tmp, meta, files)
 
 
 def read_meta(path: str | os.PathLike) -> dict:
@@ -120,28 +126,42 @@ def weights_sha256(meta: dict) -> str:
     return meta["sha256"][WEIGHTS_FILE]
 
 
-def check_weights(path: str | os.PathLike, meta: dict) -> Path:
+def check_weights(path: str | os.PathLike, meta: dict, files: FileCache | None = None) -> Path:
     """The weights file of checkpoint ``path``, after checking that it exists and that its SHA-256
-    equals the one recorded in ``qalora.json`` (always: a load is never unverified)."""
+    equals the one recorded in ``qalora.json`` (always: a load is never unverified; with
+    ``files``, a file this command already hashed, unchanged since, is not hashed again)."""
     wf = Path(path) / WEIGHTS_FILE
     if not wf.is_file():
         raise QaloraError(f"checkpoint weights {str(wf)!r} are missing")
-    if sha256_file(wf) != weights_sha256(meta):
+    if (files.sha256(wf) if files is not None else sha256_file(wf)) != weights_sha256(meta):
         raise QaloraError(f"checkpoint weights {str(wf)!r} are corrupt (sha256 differs from {META_FILE})")
     return wf
 
 
-def _read_weights(path: Path, meta: dict, mapped: bool = True) -> dict[str, torch.Tensor]:
-    wf = check_weights(path, meta)
-    if not mapped:
-        return load_tensors(wf)
+def _mapped_tensors(wf: Path) -> dict[str, torch.Tensor]:
     try:  # memory-mapped: pages are read when first touched (rows of a large embedding never are)
         return load_file(str(wf))
     except (SafetensorError, OSError, ValueError) as e:
         raise QaloraError(f"checkpoint weights {str(wf)!r} are corrupt ({e})") from None
 
 
-def load(path: str | os.PathLike, kernel: str = "auto", device: str | torch.device = "cpu", mapped: bool = True):
+def _read_weights(path: Path, meta: dict, mapped: bool = True, files: FileCache | None = None) -> dict[str, torch.Tensor]:
+    """The checkpoint's verified tensors: memory-mapped, or (``mapped=False``) each in its own
+    memory; with ``files``, the file is mapped once per command and later reads come from there."""
+    wf = check_weights(path, meta, files)
+    if files is not None:
+        state = files.tensors(wf, _mapped_tensors)
+        return state if mapped else {k: v.clone() for k, v in state.items()}
+    return _mapped_tensors(wf) if mapped else load_tensors(wf)
+
+
+def read_tensors(path: str | os.PathLike, meta: dict, files: FileCache | None = None) -> dict[str, torch.Tensor]:
+    """The verified tensors of checkpoint ``path`` (``meta``: its :func:`read_meta`), memory-mapped."""
+    return _read_weights(Path(path), meta, True, files)
+
+
+def load(path: str | os.PathLike, kernel: str = "auto", device: str | torch.device = "cpu", mapped: bool = True,
+         files: FileCache | None = None):
     """Load a qalora checkpoint as a plain transformers ``PreTrainedModel`` (eval mode) whose
     quantized linears are ``QuantLinear``; ``generate()`` works on it.
 
@@ -151,14 +171,15 @@ def load(path: str | os.PathLike, kernel: str = "auto", device: str | torch.devi
     memory-mapped (pages read when first touched: the cheaper choice when tensors stay as they
     are); ``mapped=False`` reads every tensor into its own memory, the cheaper choice when the
     caller replaces tensors (the merge's fp64 checks), since a map stays resident while any
-    tensor still points into it.
+    tensor still points into it. ``files``: the command's :class:`~qalora.io.FileCache` (the file
+    is hashed and read once per command).
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     path = Path(path)
     meta = read_meta(path)
-    state = _read_weights(path, meta, mapped)
+    state = _read_weights(path, meta, mapped, files)
     config = AutoConfig.from_pretrained(path)
     dtype = next((t.dtype for n, t in state.items() if t.is_floating_point() and n.endswith("norm.weight")), torch.float32)
     with init_empty_weights(include_buffers=False):

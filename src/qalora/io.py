@@ -1,4 +1,4 @@
-"""File helpers: atomic output folders, hashing, strict JSON reading."""
+"""File helpers: atomic output folders, hashing (once per command: :class:`FileCache`), strict JSON reading."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from qalora.errors import QaloraError
 
@@ -66,18 +66,84 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def model_fingerprint(folder: str | os.PathLike) -> str:
+# Files of a folder that ``AutoTokenizer.from_pretrained`` may read (by name prefix).
+TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "vocab", "merges", "added_tokens", "chat_template", "config.json")
+
+
+def file_key(path: str | os.PathLike) -> tuple[int, int, int, int]:
+    """A file's identity on disk: ``(device, inode, size, mtime_ns)``. It survives a rename (every
+    qalora output is written to a temporary name, then renamed); any rewrite changes it."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+class FileCache:
+    """What one command has already read and verified, so that it hashes each file once, loads
+    each tokenizer once and reads each checkpoint's tensors from disk once.
+
+    Entries are keyed by :func:`file_key` (not by path), so a file renamed into place keeps its
+    entry and a file rewritten or replaced gets a new one: nothing stale is served. Explicit, not
+    global: a command (``qalora pipeline``, a reproduction) creates one and passes it to the
+    stages it runs; every function that takes ``files=None`` behaves as before without one.
+
+    * ``sha256(path)`` — the file's SHA-256, computed on first use (or recorded by ``remember``
+      when the command wrote the file itself and hashed it then).
+    * ``tokenizer(folder, load)`` — ``load(folder)`` once per distinct tokenizer *content* (the
+      SHA-256 of every tokenizer file), so identical copies beside several checkpoints share one.
+    * ``tensors(path, read)`` — ``read(path)`` (a verified, memory-mapped state dict) once per
+      file; each call gets its own tensor objects over the same storage (a caller rebinding a
+      parameter's ``.data`` does not touch another model's).
+    """
+
+    def __init__(self) -> None:
+        self._sha: dict[tuple, str] = {}
+        self._tokenizers: dict[tuple, object] = {}
+        self._tensors: dict[tuple, dict] = {}
+
+    def sha256(self, path: str | os.PathLike) -> str:
+        key = file_key(path)
+        if key not in self._sha:
+            self._sha[key] = sha256_file(path)
+        return self._sha[key]
+
+    def remember(self, path: str | os.PathLike, digest: str) -> None:
+        """Record ``digest`` as the SHA-256 of ``path`` (just written and hashed by this command)."""
+        self._sha[file_key(path)] = digest
+
+    def tokenizer(self, folder: str | os.PathLike, load: Callable):
+        folder = Path(folder)
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.startswith(TOKENIZER_FILES))
+        key = tuple((p.name, self.sha256(p)) for p in files)
+        if not key or key not in self._tokenizers:
+            tok = load(folder)
+            if not key:
+                return tok
+            self._tokenizers[key] = tok
+        return self._tokenizers[key]
+
+    def tensors(self, path: str | os.PathLike, read: Callable) -> dict:
+        key = file_key(path)
+        if key not in self._tensors:
+            self._tensors[key] = read(path)
+        return {name: t.detach() for name, t in self._tensors[key].items()}
+
+    def counts(self) -> dict[str, int]:
+        """How many files were hashed, tokenizers loaded and tensor files read (for reports/tests)."""
+        return {"hashed": len(self._sha), "tokenizers": len(self._tokenizers), "tensor_files": len(self._tensors)}
+
+
+def model_fingerprint(folder: str | os.PathLike, files: "FileCache | None" = None) -> str:
     """SHA-256 over the weight files of a Hugging Face model folder (their names and each file's
     SHA-256, sorted by name: ``*.safetensors``, else ``*.bin``): what a quantized checkpoint or an
     adapter records as the full-precision model it was made from."""
     folder = Path(folder)
     h = hashlib.sha256()
-    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
-    if not files:
+    weight_files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    if not weight_files:
         raise QaloraError(f"model folder {str(folder)!r} has no weight files")
-    for f in files:
+    for f in weight_files:
         h.update(f.name.encode())
-        h.update(sha256_file(f).encode())
+        h.update((files.sha256(f) if files is not None else sha256_file(f)).encode())
     return h.hexdigest()
 
 

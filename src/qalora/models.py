@@ -16,13 +16,21 @@ SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 import_transformers()  # before any model load imports torchao noisily
 
 
-def load_tokenizer(path: str | os.PathLike):
+def _auto_tokenizer(path: str | os.PathLike):
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as e:
         raise QaloraError(f"could not load a tokenizer from {str(path)!r} ({str(e).splitlines()[0]})") from None
+
+
+def load_tokenizer(path: str | os.PathLike, files=None):
+    """The tokenizer of the folder ``path``; with ``files`` (a :class:`qalora.io.FileCache`), loaded
+    once per command for each distinct tokenizer (copies beside several checkpoints share one)."""
+    if files is None or not Path(path).is_dir():
+        return _auto_tokenizer(path)
+    return files.tokenizer(path, _auto_tokenizer)
 
 
 def check_model_type(folder: Path) -> None:

@@ -279,8 +279,8 @@ def test_scored_positions_loss_equals_the_full_head(tmp_path, q_dir, data_file):
     ours = _token_loss_sum(model, batch, nullcontext)
     grads = torch.autograd.grad(ours, params)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=0)
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
+    for g, r in zip(grads, ref_grads):  # two fp32 summation orders: 1e-5 of the tensor's own scale
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5 * float(r.abs().max()))
 
 
 @pytest.mark.parametrize("method", ["qalora", "lora"])

@@ -67,8 +67,9 @@ def quantize_nf4(model: nn.Module, skip: tuple[str, ...] = ("lm_head",), block_s
 BASE_KERNELS = {"fp32": "reference", "bf16": "auto"}
 
 
-def load_base(method: str, model: str | os.PathLike | None, compute_dtype: str = "fp32") -> Base:
-    """Load the frozen base that ``method`` trains on, its kernel chosen by ``compute_dtype``."""
+def load_base(method: str, model: str | os.PathLike | None, compute_dtype: str = "fp32", files=None) -> Base:
+    """Load the frozen base that ``method`` trains on, its kernel chosen by ``compute_dtype``
+    (``files``: the command's :class:`~qalora.io.FileCache`, for a quantized checkpoint)."""
     where = get_method(method).base
     is_ckpt = model not in (None, "default") and (Path(str(model)).expanduser() / META_FILE).is_file()
     if where == "quantized":
@@ -80,8 +81,8 @@ def load_base(method: str, model: str | os.PathLike | None, compute_dtype: str =
         if kinds != {"affine"}:
             raise QaloraError(f"checkpoint {str(model)!r} holds {', '.join(sorted(kinds))} layers; method {method!r} "
                               "needs group-wise INTn (rtn or gptq) layers")
-        qm = load(model, kernel=BASE_KERNELS[compute_dtype])
-        return Base(qm, load_tokenizer(model), str(model), weights_sha256(meta),
+        qm = load(model, kernel=BASE_KERNELS[compute_dtype], files=files)
+        return Base(qm, load_tokenizer(model, files), str(model), weights_sha256(meta),
                     meta.get("group_size"), meta.get("bits"))
     if is_ckpt:
         raise QaloraError(f"method {method!r} trains on a full-precision model; {str(model)!r} is a quantized "

@@ -54,9 +54,10 @@ def state_counts(state: dict[str, torch.Tensor], ternary: set[str]) -> dict:
             "adapter_state_bits": 32 * n_float + 2 * n_tern}
 
 
-def write_adapter(adir: str | os.PathLike, state: dict[str, torch.Tensor], config: dict) -> dict:
+def write_adapter(adir: str | os.PathLike, state: dict[str, torch.Tensor], config: dict, files=None) -> dict:
     """Write ``state`` and ``config`` (completed with the format fields) into ``adir``; each file
-    appears whole (temporary name + rename). Returns the config written."""
+    appears whole (temporary name + rename). Returns the config written. ``files``: the command's
+    :class:`~qalora.io.FileCache`, told the weights' SHA-256 computed here."""
     adir = Path(adir)
     config = {"format": ADAPTER_FORMAT, "format_version": FORMAT_VERSION,
               **{k: v for k, v in config.items() if k != "sha256"}}
@@ -65,6 +66,8 @@ def write_adapter(adir: str | os.PathLike, state: dict[str, torch.Tensor], confi
     check_adapter(config, state, adir)
     save_file(state, str(tmp), metadata={"format": ADAPTER_FORMAT})
     config["sha256"] = {ADAPTER_FILE: sha256_file(tmp)}
+    if files is not None:
+        files.remember(tmp, config["sha256"][ADAPTER_FILE])
     os.replace(tmp, adir / ADAPTER_FILE)
     write_json(adir / ADAPTER_CONFIG, config)
     return config
@@ -128,19 +131,24 @@ def read_adapter_config(adir: str | os.PathLike) -> dict:
     return cfg
 
 
-def read_adapter(adir: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """``(config, tensors)`` of an adapter folder, both checked."""
+def _adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise QaloraError(f"adapter weights {str(path)!r} are corrupt ({e})") from None
+
+
+def read_adapter(adir: str | os.PathLike, files=None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(config, tensors)`` of an adapter folder, both checked (``files``: a
+    :class:`~qalora.io.FileCache`; a file this command already hashed is not hashed again)."""
     adir = Path(adir).expanduser()
     cfg = read_adapter_config(adir)
     path = adir / ADAPTER_FILE
     if not path.is_file():
         raise QaloraError(f"adapter weights {str(path)!r} are missing")
-    if sha256_file(path) != adapter_sha256(cfg):
+    if (files.sha256(path) if files is not None else sha256_file(path)) != adapter_sha256(cfg):
         raise QaloraError(f"adapter weights {str(path)!r} are corrupt (sha256 differs from {ADAPTER_CONFIG})")
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise QaloraError(f"adapter weights {str(path)!r} are corrupt ({e})") from None
+    state = files.tensors(path, _adapter_tensors) if files is not None else _adapter_tensors(path)
     check_tensors(cfg, state, adir)  # the config itself was checked by read_adapter_config
     return cfg, state
 
@@ -162,14 +170,15 @@ def attach(model, cfg: dict, state: dict[str, torch.Tensor]) -> list[str]:
     return names
 
 
-def load_adapted(model, adapter_dir, compute_dtype: str = "fp32"):
+def load_adapted(model, adapter_dir, compute_dtype: str = "fp32", files=None):
     """``(model, tokenizer, adapter config)``: the base ``model`` loaded as the adapter's method
     needs it (qalora checkpoint, NF4-quantized or fp model), with the adapter attached unmerged.
-    Refuses an adapter trained on another base (its recorded SHA-256 differs)."""
+    Refuses an adapter trained on another base (its recorded SHA-256 differs). ``files``: the
+    command's :class:`~qalora.io.FileCache`."""
     from qalora.adapters.base import load_base
 
-    cfg, state = read_adapter(adapter_dir)
-    base = load_base(cfg["method"], model, compute_dtype)
+    cfg, state = read_adapter(adapter_dir, files)
+    base = load_base(cfg["method"], model, compute_dtype, files)
     check_base(cfg, base.sha256, adapter_dir, model)
     attach(base.model, cfg, state)
     return base.model.eval(), base.tokenizer, cfg

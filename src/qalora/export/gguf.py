@@ -317,7 +317,7 @@ def _check_options(fallback: str | None, float_type: str) -> None:
 
 def export_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, *, fallback: str | None = None,
                 float_type: str = "f16", name: str | None = None, pre_tokenizer: str | None = None,
-                progress: bool = True) -> dict:
+                progress: bool = True, files=None) -> dict:
     """Write the qalora checkpoint ``model_dir`` as a llama.cpp GGUF file ``out_path`` (new).
 
     Args:
@@ -326,6 +326,7 @@ def export_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, *, fa
         float_type: ``"f16"`` or ``"f32"`` for unquantized matrices (embeddings, untied lm_head).
         name: ``general.name`` (default: the checkpoint folder's name).
         pre_tokenizer: llama.cpp pre-tokenizer (default: ``choose_pre_tokenizer``).
+        files: the command's :class:`~qalora.io.FileCache` (weights it already hashed are not hashed again).
     Returns:
         the report: path, file bytes, tensor count per GGML type, per tensor its type, source and
         max abs error vs qalora's fp32 weight, fallback tensors, tokenizer and metadata written.
@@ -340,7 +341,7 @@ def export_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, *, fa
     out = check_new_output(out_path)
     model_dir = Path(model_dir).expanduser()
     meta = read_meta(model_dir)
-    weights = check_weights(model_dir, meta)  # the recorded SHA-256, always
+    weights = check_weights(model_dir, meta, files)  # the recorded SHA-256, always (once per command)
     config = AutoConfig.from_pretrained(model_dir)
     arch = arch_for(config)
     writer = gguf.GGUFWriter(path=None, arch=arch.name)

@@ -284,7 +284,7 @@ def mlx_config(raw: dict, quantization: dict, overrides: dict, untie: bool, dtyp
 # --------------------------------------------------------------------------- export
 
 def export_mlx(model_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "float16",
-               progress: bool = True) -> dict:
+               progress: bool = True, files=None) -> dict:
     """Write the qalora checkpoint ``model_dir`` (quantized or merged) as an mlx-lm folder ``out`` (new).
 
     Args:
@@ -310,7 +310,7 @@ def export_mlx(model_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: s
     raw = read_json(model_dir / "config.json", "model config")
     untie = bool(raw.get("tie_word_embeddings", False)) and "lm_head" in layers  # a quantized lm_head is its own
     config, notes = mlx_config(raw, quantization, overrides, untie, dtype)
-    weights = check_weights(model_dir, meta)  # the recorded SHA-256, always
+    weights = check_weights(model_dir, meta, files)  # the recorded SHA-256, always (once per command)
 
     with SafetensorsFile(weights) as f:
         shapes = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
@@ -319,12 +319,12 @@ def export_mlx(model_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: s
         if not config.get("tie_word_embeddings", False) and "lm_head.weight" not in names:
             raise QaloraError("the checkpoint has no lm_head but its config does not tie it to the embeddings")
         shards = shard(plan, SHARD_BYTES)
-        files = [WEIGHTS_FILE] if len(shards) == 1 else \
+        shard_files = [WEIGHTS_FILE] if len(shards) == 1 else \
             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         errors = {}
         with atomic_dir(out) as tmp, tqdm(total=len(plan), desc="mlx", disable=not progress) as bar:
             weight_map = {}
-            for file, part in zip(files, shards):
+            for file, part in zip(shard_files, shards):
                 tensors, qparams = {}, {}
                 for t in part:
                     tensors[t.name] = convert_tensor(t, f.get_tensor, layers, torch_dtype, qparams, errors)
@@ -332,10 +332,10 @@ def export_mlx(model_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: s
                     bar.update()
                 save_file(tensors, str(tmp / file), metadata={"format": "mlx"})
                 del tensors, qparams
-            if len(files) > 1:
+            if len(shard_files) > 1:
                 write_json(tmp / INDEX_FILE, {"metadata": {"total_size": sum(t.nbytes for t in plan)},
                                               "weight_map": dict(sorted(weight_map.items()))})
-                files.append(INDEX_FILE)
+                shard_files.append(INDEX_FILE)
             write_json(tmp / "config.json", config)
             copied = [n for n in SIDE_FILES if (model_dir / n).is_file()]
             for n in copied:
@@ -350,7 +350,7 @@ def export_mlx(model_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: s
                     "quantized_layers": len(layers), "tie_word_embeddings": bool(config.get("tie_word_embeddings")),
                     "source": str(model_dir.resolve()), "source_sha256": weights_sha256(meta),
                     "source_method": meta.get("method"), "notes": notes,
-                    "files": sorted(["config.json", *files, *copied, INFO_FILE]),
+                    "files": sorted(["config.json", *shard_files, *copied, INFO_FILE]),
                     "weights_bytes": sum(t.nbytes for t in plan), "max_abs_error": err, "max_rel_error": rel,
                     "layers": errors}
             write_json(tmp / INFO_FILE, info)

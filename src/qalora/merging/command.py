@@ -18,7 +18,7 @@ from torch import nn
 
 from qalora.adapters.format import adapter_sha256, attach, check_base, read_adapter
 from qalora.adapters.kinds.registry import get_kind
-from qalora.checkpoint import WEIGHTS_FILE, load, read_meta, weights_sha256, write_checkpoint
+from qalora.checkpoint import WEIGHTS_FILE, load, read_meta, read_tensors, weights_sha256, write_checkpoint
 from qalora.errors import QaloraError
 from qalora.io import atomic_dir, check_new_output, write_json
 from qalora.merging.surgery import merge_model_inplace, shared_copy
@@ -50,34 +50,42 @@ def _check_compatible(cfg: dict, meta: dict, adir: Path, model_dir: Path) -> Non
 
 
 @torch.no_grad()
-def changes_report(merged: nn.Module, names: list[str], weights_file: Path, allowed: set[str]) -> dict:
-    """Compare every merged layer's codes, scale and offset with the base file's; refuse (nothing
-    written) a part that changed where ``allowed`` does not permit it, a code that moved by more
-    than one step, or a scale that is not positive. Returns counts of what changed."""
+def changes_report(merged: nn.Module, names: list[str], weights_file: Path, allowed: set[str],
+                   base_tensors: dict | None = None) -> dict:
+    """Compare every merged layer's codes, scale and offset with the base file's (read from
+    ``weights_file``, or ``base_tensors``: its verified tensors, already read by this command);
+    refuse (nothing written) a part that changed where ``allowed`` does not permit it, a code that
+    moved by more than one step, or a scale that is not positive. Returns counts of what changed."""
+    if base_tensors is not None:
+        return _changes(merged, names, base_tensors.__getitem__, allowed)
+    with SafetensorsFile(weights_file) as f:  # one layer's tensors at a time
+        return _changes(merged, names, f.get_tensor, allowed)
+
+
+def _changes(merged: nn.Module, names: list[str], get, allowed: set[str]) -> dict:
     n_codes = moved = n_scales = scales_moved = 0
     max_rel_scale = max_offset = 0.0
-    with SafetensorsFile(weights_file) as f:
-        for n in names:
-            m = merged.get_submodule(n)
-            qw, scale, offset = (f.get_tensor(f"{n}.{b}") for b in ("qweight", "scale", "offset"))
-            if "codes" not in allowed and not torch.equal(qw, m.qweight.cpu()):
-                raise QaloraError(f"merge changed the codes of {n} (a bug: this adapter may not); nothing was written")
-            if "scale" not in allowed and not torch.equal(scale, m.scale.cpu()):
-                raise QaloraError(f"merge changed the scales of {n} (a bug: this adapter may not); nothing was written")
-            if "offset" not in allowed and not torch.equal(offset, m.offset.cpu()):
-                raise QaloraError(f"merge changed the offsets of {n} (a bug: this adapter may not); nothing was written")
-            dq = unpack(m.qweight.cpu(), m.in_features, m.bits).short() - unpack(qw, m.in_features, m.bits).short()
-            if int(dq.abs().max()) > 1:
-                raise QaloraError(f"merge moved a code of {n} by {int(dq.abs().max())} steps (at most 1 is allowed); "
-                                  "nothing was written")
-            if not bool((m.scale > 0).all()):
-                raise QaloraError(f"merge left a non-positive scale in {n}; nothing was written")
-            n_codes += dq.numel()
-            moved += int((dq != 0).sum())
-            n_scales += scale.numel()
-            scales_moved += int((m.scale.cpu() != scale).sum())
-            max_rel_scale = max(max_rel_scale, float(((m.scale.cpu() - scale).abs() / scale).max()))
-            max_offset = max(max_offset, float((m.offset.cpu() - offset).abs().max()))
+    for n in names:
+        m = merged.get_submodule(n)
+        qw, scale, offset = (get(f"{n}.{b}") for b in ("qweight", "scale", "offset"))
+        if "codes" not in allowed and not torch.equal(qw, m.qweight.cpu()):
+            raise QaloraError(f"merge changed the codes of {n} (a bug: this adapter may not); nothing was written")
+        if "scale" not in allowed and not torch.equal(scale, m.scale.cpu()):
+            raise QaloraError(f"merge changed the scales of {n} (a bug: this adapter may not); nothing was written")
+        if "offset" not in allowed and not torch.equal(offset, m.offset.cpu()):
+            raise QaloraError(f"merge changed the offsets of {n} (a bug: this adapter may not); nothing was written")
+        dq = unpack(m.qweight.cpu(), m.in_features, m.bits).short() - unpack(qw, m.in_features, m.bits).short()
+        if int(dq.abs().max()) > 1:
+            raise QaloraError(f"merge moved a code of {n} by {int(dq.abs().max())} steps (at most 1 is allowed); "
+                              "nothing was written")
+        if not bool((m.scale > 0).all()):
+            raise QaloraError(f"merge left a non-positive scale in {n}; nothing was written")
+        n_codes += dq.numel()
+        moved += int((dq != 0).sum())
+        n_scales += scale.numel()
+        scales_moved += int((m.scale.cpu() != scale).sum())
+        max_rel_scale = max(max_rel_scale, float(((m.scale.cpu() - scale).abs() / scale).max()))
+        max_offset = max(max_offset, float((m.offset.cpu() - offset).abs().max()))
     return {"codes_changed": moved, "codes_changed_fraction": moved / max(n_codes, 1), "max_code_step": 1 if moved else 0,
             "scales_changed": scales_moved, "scales_changed_fraction": scales_moved / max(n_scales, 1),
             "max_rel_scale_change": max_rel_scale, "max_abs_offset_change": max_offset}
@@ -108,7 +116,7 @@ def merge_summary(n_layers: int, out, report: dict) -> str:
 
 def merge(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out: str | os.PathLike, *,
           tolerance: float | None = None, noise_floor: bool = True, prompts=DEFAULT_PROMPTS,
-          progress: bool = True) -> dict:
+          progress: bool = True, files=None) -> dict:
     """Merge the adapter in ``adapter_dir`` (any exactly mergeable method: qalora, peqa, lota) into the qalora checkpoint ``model_dir`` and
     write the merged checkpoint to the new folder ``out`` (with ``merge_report.json``).
 
@@ -122,18 +130,19 @@ def merge(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out: str
     being the unmerged model's own fp32-vs-fp64 drift on the same prompts. ``tolerance`` defaults
     to 1e-4. ``noise_floor=False`` skips the fp64 runs (they need an fp64 copy of the weights) and
     holds the fp32 figure to ``tolerance``. On failure nothing is written and a ``QaloraError`` is
-    raised. Returns the merge report.
+    raised. Returns the merge report. ``files``: the command's :class:`~qalora.io.FileCache`
+    (inputs it already read are not read or hashed again; the merged weights' hash is recorded).
     """
     if tolerance is not None and not (isinstance(tolerance, (int, float)) and tolerance > 0):
         raise QaloraError(f"tolerance must be a positive number, got {tolerance!r}")
     model_dir, adir = Path(model_dir).expanduser(), Path(adapter_dir).expanduser()
     check_new_output(out)
-    cfg, tensors = read_adapter(adir)
+    cfg, tensors = read_adapter(adir, files)
     meta = read_meta(model_dir)
     _check_compatible(cfg, meta, adir, model_dir)
 
-    tokenizer = load_tokenizer(model_dir)
-    unmerged = load(model_dir, kernel="auto", mapped=False)  # its floats are swapped for fp64 and back
+    tokenizer = load_tokenizer(model_dir, files)
+    unmerged = load(model_dir, kernel="auto", mapped=False, files=files)  # its floats are swapped for fp64 and back
     attach(unmerged, cfg, tensors)
     unmerged.eval()
     merged = shared_copy(unmerged)
@@ -158,7 +167,8 @@ def merge(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out: str
             raise QaloraError(f"merge verification failed: max |logit difference| {worst:.2e} ({dtype}) exceeds the "
                               f"tolerance {limit:.3g}; nothing was written to {str(out)!r}")
     allowed = {c for k in cfg["kinds"] for c in get_kind(k).changes}
-    changes = changes_report(merged, names, model_dir / WEIGHTS_FILE, allowed)
+    changes = changes_report(merged, names, model_dir / WEIGHTS_FILE, allowed,
+                             None if files is None else read_tensors(model_dir, meta, files))
 
     adapter_sha = adapter_sha256(cfg)  # verified when the adapter was read
     new_meta = {k: v for k, v in meta.items() if k not in ("format", "format_version", "layers", "sha256")}
@@ -176,7 +186,7 @@ def merge(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out: str
               "base_sha256": weights_sha256(meta)}
     # checkpoint and report land together: one staging folder, renamed to ``out`` or deleted
     with atomic_dir(out) as tmp:
-        write_checkpoint(merged, tokenizer, tmp, new_meta)
+        write_checkpoint(merged, tokenizer, tmp, new_meta, files)
         write_json(tmp / REPORT_FILE, report)
     if progress:
         print(merge_summary(len(names), out, report), flush=True)

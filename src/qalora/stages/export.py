@@ -32,19 +32,19 @@ class ExportFormat:
     runtime: str
     target: Callable[[Path], Path]
     options: tuple
-    run: Callable[[Path, Path, dict, bool], dict]
+    run: Callable[..., dict]  # (merged, target, options, progress, files) -> report
 
 
-def _gguf(merged: Path, target: Path, options: dict, progress: bool) -> dict:
+def _gguf(merged: Path, target: Path, options: dict, progress: bool, files=None) -> dict:
     from qalora.export.gguf import export_gguf
 
-    return export_gguf(merged, target, progress=progress, **options)
+    return export_gguf(merged, target, progress=progress, files=files, **options)
 
 
-def _mlx(merged: Path, target: Path, options: dict, progress: bool) -> dict:
+def _mlx(merged: Path, target: Path, options: dict, progress: bool, files=None) -> dict:
     from qalora.export.mlx import export_mlx
 
-    return export_mlx(merged, target, progress=progress, **options)
+    return export_mlx(merged, target, progress=progress, files=files, **options)
 
 
 FORMATS = (
@@ -74,28 +74,31 @@ def record_path(target: Path) -> Path:
     return target.with_name(target.name + ".json")
 
 
-def _files(target: Path) -> dict[str, str]:
+def _files(target: Path, files=None) -> dict[str, str]:
     """``{relative path: sha256}`` of the export (one file, or every file of a folder)."""
+    sha = files.sha256 if files is not None else sha256_file
     if target.is_file():
-        return {target.name: sha256_file(target)}
-    return {str(p.relative_to(target)): sha256_file(p) for p in sorted(target.rglob("*")) if p.is_file()}
+        return {target.name: sha(target)}
+    return {str(p.relative_to(target)): sha(p) for p in sorted(target.rglob("*")) if p.is_file()}
 
 
 def _bytes(target: Path) -> int:
     return target.stat().st_size if target.is_file() else sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
 
 
-def export_stage(fmt: ExportFormat, root: Path, merged: Path, checkpoint_sha256: str, say, progress: bool) -> dict:
+def export_stage(fmt: ExportFormat, root: Path, merged: Path, checkpoint_sha256: str, say, progress: bool,
+                 files=None) -> dict:
     """Write (or reuse) the ``fmt`` export of ``merged`` under ``root``; returns ``{path, bytes}``
-    (plus the exporter's report when written now)."""
+    (plus the exporter's report when written now). ``files``: the command's
+    :class:`~qalora.io.FileCache`."""
     target, options = fmt.target(root), dict(fmt.options)
     wanted = {"checkpoint_sha256": checkpoint_sha256, "options": options}
     record = record_path(target)
     if target.exists():
         recorded = read_json(record, "export record") if record.is_file() else None
         require_same(target, f"{fmt.name.upper()} export", recorded, wanted, hint="delete it or choose another --out")
-        files = recorded.get("files") or ({target.name: recorded["gguf_sha256"]} if "gguf_sha256" in recorded else None)
-        if files != _files(target):
+        hashes = recorded.get("files") or ({target.name: recorded["gguf_sha256"]} if "gguf_sha256" in recorded else None)
+        if hashes != _files(target, files):
             what = "the file that was" if target.is_file() else "the files that were"
             raise QaloraError(f"{str(target)!r} differs from {what} exported (sha256 in {record.name}); it was "
                               "edited or truncated; delete it or choose another --out")
@@ -105,12 +108,12 @@ def export_stage(fmt: ExportFormat, root: Path, merged: Path, checkpoint_sha256:
     if record.exists():
         record.unlink()  # a record without its export describes nothing
     try:
-        report = fmt.run(merged, target, options, progress)
+        report = fmt.run(merged, target, options, progress, files)
     except BaseException:
         if target.is_dir():  # an exporter that failed half-way leaves no folder to be mistaken for a result
             shutil.rmtree(target, ignore_errors=True)
         raise
-    files = _files(target)
-    extra = {"gguf_sha256": files[target.name]} if fmt.name == "gguf" else {}
-    write_json(record, {**wanted, "source": str(merged), "files": files, **extra})
+    hashes = _files(target, files)
+    extra = {"gguf_sha256": hashes[target.name]} if fmt.name == "gguf" else {}
+    write_json(record, {**wanted, "source": str(merged), "files": hashes, **extra})
     return {**report, "path": str(target), "bytes": _bytes(target)}

@@ -31,7 +31,7 @@ import torch
 from qalora.checkpoint import weights_sha256
 from qalora.config import LoraConfig, PipelineConfig, QuantConfig, TrainConfig
 from qalora.errors import QaloraError
-from qalora.io import model_fingerprint, read_json, sha256_file, work_dir, write_json
+from qalora.io import FileCache, model_fingerprint, read_json, work_dir, write_json
 from qalora.stages.export import BY_NAME, export_stage, parse_formats
 from qalora.stages.identity import normalized, require_same
 
@@ -67,7 +67,7 @@ def _say(msg: str, progress: bool) -> None:
         print(f"[qalora pipeline] {msg}", flush=True)
 
 
-def _stage_quantize(model, paths: PipelinePaths, quant: QuantConfig, progress: bool) -> dict:
+def _stage_quantize(model, paths: PipelinePaths, quant: QuantConfig, progress: bool, files: FileCache) -> dict:
     from qalora.api import quantize
     from qalora.checkpoint import read_meta
     from qalora.default_model import resolve_model
@@ -77,14 +77,15 @@ def _stage_quantize(model, paths: PipelinePaths, quant: QuantConfig, progress: b
         require_same(paths.quantized, "quantized model",
                      {"source_sha256": meta.get("source_sha256"),
                       "quant_config": normalized(QuantConfig, meta.get("quant_config") or {})},
-                     {"source_sha256": model_fingerprint(resolve_model(model)), "quant_config": quant.to_dict()})
+                     {"source_sha256": model_fingerprint(resolve_model(model), files), "quant_config": quant.to_dict()})
         _say(f"1/5 quantize: reusing {paths.quantized}", progress)
         return meta
     _say(f"1/5 quantize: INT{quant.bits} g{quant.group_size} {quant.method} -> {paths.quantized}", progress)
-    return quantize(model, paths.quantized, quant, progress=progress)
+    return quantize(model, paths.quantized, quant, progress=progress, files=files)
 
 
-def _stage_train(paths: PipelinePaths, cfg: TrainConfig, lora: LoraConfig, base_sha256: str, progress: bool) -> dict:
+def _stage_train(paths: PipelinePaths, cfg: TrainConfig, lora: LoraConfig, base_sha256: str, progress: bool,
+                 files: FileCache) -> dict:
     from qalora.adapters.format import ADAPTER_CONFIG, lora_config_of, read_adapter_config
     from qalora.training.loop import RUN_FILE, train
 
@@ -98,28 +99,28 @@ def _stage_train(paths: PipelinePaths, cfg: TrainConfig, lora: LoraConfig, base_
         return done
     resume = (paths.adapter / RUN_FILE).is_file()  # train() refuses a run begun on another base or config
     _say(f"2/5 train: QA-LoRA, {cfg.steps} steps{' (resuming)' if resume else ''} -> {paths.adapter}", progress)
-    return train(paths.quantized, paths.adapter, cfg, lora, resume=resume, progress=progress)
+    return train(paths.quantized, paths.adapter, cfg, lora, resume=resume, progress=progress, files=files)
 
 
-def _stage_merge(paths: PipelinePaths, base_sha256: str, progress: bool) -> dict:
+def _stage_merge(paths: PipelinePaths, base_sha256: str, progress: bool, files: FileCache) -> dict:
     from qalora.adapters.format import ADAPTER_FILE
     from qalora.merging.command import REPORT_FILE, merge
 
     if (paths.merged / REPORT_FILE).is_file():
         report = read_json(paths.merged / REPORT_FILE, "merge report")
         require_same(paths.merged, "merged model", report,
-                     {"adapter_sha256": sha256_file(paths.adapter / ADAPTER_FILE), "base_sha256": base_sha256})
+                     {"adapter_sha256": files.sha256(paths.adapter / ADAPTER_FILE), "base_sha256": base_sha256})
         _say(f"3/5 merge: reusing {paths.merged}", progress)
         return report
     _say(f"3/5 merge + verify -> {paths.merged}", progress)
-    return merge(paths.quantized, paths.adapter, paths.merged, progress=progress)
+    return merge(paths.quantized, paths.adapter, paths.merged, progress=progress, files=files)
 
 
-def _stage_exports(paths: PipelinePaths, formats: tuple[str, ...], progress: bool) -> dict[str, dict]:
+def _stage_exports(paths: PipelinePaths, formats: tuple[str, ...], progress: bool, files: FileCache) -> dict[str, dict]:
     from qalora.checkpoint import read_meta
 
     sha = weights_sha256(read_meta(paths.merged))
-    return {name: export_stage(BY_NAME[name], paths.root, paths.merged, sha, lambda m: _say(m, progress), progress)
+    return {name: export_stage(BY_NAME[name], paths.root, paths.merged, sha, lambda m: _say(m, progress), progress, files)
             for name in formats}
 
 
@@ -139,7 +140,7 @@ def decode_tokens_per_s(model, tokenizer, new_tokens: int = 64, prompt: str = SP
     return new_tokens / (time.perf_counter() - t0)
 
 
-def _stage_speed(paths: PipelinePaths, new_tokens: int, progress: bool) -> dict:
+def _stage_speed(paths: PipelinePaths, new_tokens: int, progress: bool, files: FileCache) -> dict:
     from qalora.adapters.format import load_adapted
     from qalora.checkpoint import load
     from qalora.models import load_tokenizer
@@ -147,11 +148,11 @@ def _stage_speed(paths: PipelinePaths, new_tokens: int, progress: bool) -> dict:
 
     _say(f"5/5 speed: greedy decode of {new_tokens} tokens, merged vs quantized + unmerged adapter", progress)
     # both on the kernel "auto" picks; the unmerged model also runs its adapters (fp32, per layer)
-    tok = load_tokenizer(paths.merged)
-    merged = load(paths.merged, kernel="auto")
+    tok = load_tokenizer(paths.merged, files)
+    merged = load(paths.merged, kernel="auto", files=files)
     merged_tps = decode_tokens_per_s(merged, tok, new_tokens)
     del merged
-    unmerged, _, _ = load_adapted(paths.quantized, paths.adapter)
+    unmerged, _, _ = load_adapted(paths.quantized, paths.adapter, files=files)
     set_kernel(unmerged, "auto")
     unmerged_tps = decode_tokens_per_s(unmerged.eval(), tok, new_tokens)
     return {"merged_tokens_per_s": merged_tps, "unmerged_tokens_per_s": unmerged_tps, "new_tokens": new_tokens,
@@ -185,12 +186,13 @@ def pipeline(model: str | os.PathLike | None = "default", out: str | os.PathLike
         times[name] = round(time.time() - t0, 1)
         return result
 
-    qmeta = timed("quantize", _stage_quantize, model, paths, quant, progress)
+    files = FileCache()  # each file of this run hashed, and each checkpoint and tokenizer read, once
+    qmeta = timed("quantize", _stage_quantize, model, paths, quant, progress, files)
     base_sha256 = weights_sha256(qmeta)
-    adapter = timed("train", _stage_train, paths, train_cfg, lora, base_sha256, progress)
-    report = timed("merge", _stage_merge, paths, base_sha256, progress)
-    exports = timed("export", _stage_exports, paths, formats, progress) if formats else {}
-    speed = timed("speed", _stage_speed, paths, speed_tokens, progress)
+    adapter = timed("train", _stage_train, paths, train_cfg, lora, base_sha256, progress, files)
+    report = timed("merge", _stage_merge, paths, base_sha256, progress, files)
+    exports = timed("export", _stage_exports, paths, formats, progress, files) if formats else {}
+    speed = timed("speed", _stage_speed, paths, speed_tokens, progress, files)
 
     qbytes = (paths.quantized / "model.safetensors").stat().st_size
     mbytes = (paths.merged / "model.safetensors").stat().st_size

@@ -137,11 +137,12 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 def train(model: str | os.PathLike | None, out: str | os.PathLike, cfg: TrainConfig | None = None,
           lora: LoraConfig | None = None, resume: bool = False, progress: bool = True,
-          ranks: Ranks | None = None) -> dict:
+          ranks: Ranks | None = None, files=None) -> dict:
     """Train adapters of ``cfg.method`` on ``model``; write them to ``out``.
 
     ``ranks``: this process's place under torchrun (``training.distributed.from_env()``); every
-    process runs this function, process 0 alone writes files and prints.
+    process runs this function, process 0 alone writes files and prints. ``files``: the command's
+    :class:`~qalora.io.FileCache` (a base checkpoint it already read is not read or hashed again).
 
     Returns the adapter config written to ``out/adapter_config.json`` (method, rank, alpha,
     targets, group size, base fingerprint, trainable parameters, losses, speed, memory).
@@ -157,7 +158,7 @@ def train(model: str | os.PathLike | None, out: str | os.PathLike, cfg: TrainCon
         raise QaloraError(f"the parent folder of output {str(adir)!r} does not exist")
 
     kinds = method_kinds(cfg.method, lora)  # refuses a switch the method does not take
-    base = load_base(cfg.method, model, cfg.compute_dtype)
+    base = load_base(cfg.method, model, cfg.compute_dtype, files)
     identity = _run_identity(cfg, lora, base.sha256, ranks.world)
     if resume:
         _check_resume(adir, identity)
@@ -269,7 +270,7 @@ def train(model: str | os.PathLike | None, out: str | os.PathLike, cfg: TrainCon
     if not ranks.main:
         ranks.barrier()  # returns once process 0 has written the adapter
         return config
-    written = write_adapter(adir, state, config)
+    written = write_adapter(adir, state, config, files)
     ranks.barrier()
     return written
 
