@@ -266,3 +266,20 @@ def test_methods_report_grows_row_by_row():
     assert merge_summaries(None, second) is second
     with pytest.raises(QaloraError, match="budget"):
         merge_summaries(first, {**second, "budget": "smoke"})
+
+
+def test_rows_on_another_base_are_flagged():
+    from qalora.reproduce.methods import merge_summaries, methods_table, mixed_bases
+
+    first = _methods_summary(["int3-g32"], [("gptq", 3, 32, 2.9), ("qalora", 3, 32, 2.3)])
+    for r in first["rows"]:
+        r["base_sha256"] = "a" * 64
+    second = _methods_summary(["int3-g32"], [("peqa", 3, 32, 1.4)])
+    second["rows"][0]["base_sha256"] = "b" * 64
+    merged = merge_summaries(first, second)
+    assert merged["mixed_bases"] == {"int3-g32": ["gptq-int3-g32", "peqa-int3-g32", "qalora-int3-g32"]}
+    table = methods_table(merged["rows"])
+    assert "| 1.400 † |" in table and "| 2.300 |" in table and "† on another GPTQ base" in table
+    assert mixed_bases(first["rows"]) == {} and "†" not in methods_table(first["rows"])
+    del first["rows"][1]["base_sha256"]                      # unrecorded counts as another base
+    assert mixed_bases(first["rows"]) == {"int3-g32": ["gptq-int3-g32", "qalora-int3-g32"]}

@@ -89,6 +89,25 @@ def _merge_row(ws, row: MethodRow, bits: int, group: int):
     return (*ws.merged_model(rid, adir, acfg, base), acfg)
 
 
+def base_sha256(ws, bits: int, group: int) -> str:
+    """The weights SHA-256 of the grid's GPTQ base: GPTQ is not bit-reproducible across machines
+    (its fp32 Hessian and Cholesky arithmetic differ), so rows built on different days may sit on
+    different bases; every row records which one."""
+    from qalora.checkpoint import read_meta, weights_sha256
+
+    return weights_sha256(read_meta(ws.base("gptq", bits, group)))
+
+
+def mixed_bases(rows: list[dict]) -> dict[str, list[str]]:
+    """``{grid: [row ids]}`` for every grid whose rows do not all record one and the same base
+    (a row without ``base_sha256`` counts as its own): their losses are not comparable as they stand."""
+    by: dict[str, set] = {}
+    for r in rows:
+        by.setdefault(f"int{r['bits']}-g{r['group_size']}", set()).add(r.get("base_sha256") or f"unrecorded:{r['id']}")
+    return {g: sorted(r["id"] for r in rows if f"int{r['bits']}-g{r['group_size']}" == g)
+            for g, shas in by.items() if len(shas) > 1}
+
+
 def method_row(ws, row: MethodRow, bits: int, group: int) -> dict:
     """The row's record (cached under ``rows/``; reused only when it records the checkpoint this
     run's stages hold)."""
@@ -108,7 +127,7 @@ def method_row(ws, row: MethodRow, bits: int, group: int) -> dict:
         return rec
     t0 = time.time()
     rec = {"id": rid, "row": row.name, "label": row.label, "method": row.method, "switches": row.switches,
-           "bits": bits, "group_size": group, "inputs": inputs}
+           "bits": bits, "group_size": group, "inputs": inputs, "base_sha256": base_sha256(ws, bits, group)}
     if report is not None:
         c = report.get("changes", {})
         rec.update({"kinds": acfg["kinds"], "trainable_parameters": acfg["trainable_parameters"],
@@ -140,16 +159,25 @@ def methods_table(rows: list[dict]) -> str:
     by = {(r["row"], r["bits"], r["group_size"]): r for r in rows}
     head = "| method | " + " | ".join(f"INT{b} g{g}" for b, g in grids) + " | codes moved (INT3 g32) | trainable |"
     lines = [head, "|" + "---|" * (len(grids) + 3)]
+    # grids whose rows sit on more than one base: the base of their untuned gptq row (None: unrecorded)
+    mixed = mixed_bases(rows)
+    apart = {(b, g): (by.get(("gptq", b, g)) or {}).get("base_sha256") for b, g in grids if f"int{b}-g{g}" in mixed}
+    marked = False
     for row in METHOD_ROWS:
         cells = []
         for b, g in grids:
             r = by.get((row.name, b, g))
-            cells.append("-" if r is None else f"{r['heldout_loss']:.3f}")
+            other = r is not None and (b, g) in apart and r.get("base_sha256") != apart[(b, g)]
+            marked = marked or other
+            cells.append("-" if r is None else f"{r['heldout_loss']:.3f}" + (" †" if other else ""))
         r3 = by.get((row.name, 3, 32)) or next((r for r in rows if r["row"] == row.name), None)
         moved = "-" if r3 is None or not r3.get("merge") or r3["merge"].get("codes_changed_fraction") is None \
             else f"{100 * r3['merge']['codes_changed_fraction']:.4f} %"
         params = "-" if r3 is None or "trainable_parameters" not in r3 else f"{r3['trainable_parameters'] / 1e6:.2f} M"
         lines.append(f"| {row.label} | " + " | ".join(cells) + f" | {moved} | {params} |")
+    if marked:
+        lines.append("\n† on another GPTQ base than the grid's untuned row (GPTQ differs between machines); "
+                     "compare it with its own step-0 validation loss in methods.json")
     return "\n".join(lines)
 
 
@@ -197,4 +225,4 @@ def merge_summaries(previous: dict | None, summary: dict) -> dict:
     this = {"grids": summary["grids"], "rows": sorted(now), "machine": summary.get("machine"),
             "cached_only": summary.get("cached_only"), "seconds_this_call": summary.get("seconds_this_call")}
     grids = sorted({grid(r) for r in rows}, key=lambda g: order.get(g, 99))
-    return {**summary, "grids": grids, "rows": rows, "earlier": earlier + [this]}
+    return {**summary, "grids": grids, "rows": rows, "earlier": earlier + [this], "mixed_bases": mixed_bases(rows)}
