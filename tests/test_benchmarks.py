@@ -98,3 +98,14 @@ def test_scale_output_sha_of_an_adapter_folder(tmp_path):
     (tmp_path / "adapter.safetensors").write_bytes(b"weights")
     assert scale.checkpoint_sha(tmp_path) == hashlib.sha256(b"weights").hexdigest()
     assert scale.checkpoint_sha(tmp_path / "missing") is None
+
+
+def test_decode_equality_first_difference():
+    first_difference = benchmark_module("decode_equality").first_difference
+    import torch
+
+    a = torch.tensor([5, 6, 7, 8])
+    assert first_difference(a, a.clone()) is None
+    assert first_difference(a, torch.tensor([5, 6, 9, 8])) == 2
+    assert first_difference(a, torch.tensor([9, 6, 7, 8])) == 0
+    assert first_difference(a, a[:3]) == 3            # one stopped early: they part where it stopped

@@ -76,15 +76,11 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat: bool
     ``torch.compile`` the decode step). ``head_bits`` quantizes the model's output head in place
     first (``qalora.decode.quantize_head``; 0 keeps it). Options are those of ``DecodeConfig``."""
     from qalora.config import DecodeConfig
-    from qalora.decode import decode, quantize_head
+    from qalora.decode import decode, prompt_ids, quantize_head
 
     config = DecodeConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                           seed=seed, compile=compile, head_bits=head_bits, head_group_size=head_group_size)
-    if chat and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)["input_ids"]
-    else:
-        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    ids = prompt_ids(tokenizer, prompt, chat)
     if config.head_bits:
         quantize_head(model, config.head_bits, config.head_group_size)
     out = decode(model, ids, config, eos_token_id=tokenizer.eos_token_id, streamer=streamer)

@@ -124,19 +124,18 @@ def _stage_exports(paths: PipelinePaths, formats: tuple[str, ...], progress: boo
             for name in formats}
 
 
-@torch.inference_mode()
 def decode_tokens_per_s(model, tokenizer, new_tokens: int = 64, prompt: str = SPEED_PROMPT) -> float:
-    """Greedy decode speed at batch 1: ``new_tokens`` generated tokens / seconds, after a short
-    warm-up generation (kernel preparation and caches are not counted)."""
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)["input_ids"]
-    else:
-        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    options = dict(do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    model.generate(ids, max_new_tokens=4, min_new_tokens=4, **options)
+    """Greedy decode speed at batch 1 through ``qalora.decode`` (the path of ``qalora generate``):
+    ``new_tokens`` generated tokens (eos suppressed, so every run is as long) / seconds, after a
+    short warm-up decode (kernel preparation and caches are not counted)."""
+    from qalora.config import DecodeConfig
+    from qalora.decode import decode, prompt_ids
+
+    ids = prompt_ids(tokenizer, prompt, chat=True)
+    decode(model, ids, DecodeConfig(max_new_tokens=4), min_new_tokens=4)
     t0 = time.perf_counter()
-    model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **options)
+    decode(model, ids, DecodeConfig(max_new_tokens=new_tokens), eos_token_id=tokenizer.eos_token_id,
+           min_new_tokens=new_tokens)
     return new_tokens / (time.perf_counter() - t0)
 
 
