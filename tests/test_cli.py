@@ -49,6 +49,17 @@ def test_existing_output_refused(tmp_path):
     assert r.returncode == 2 and "output 'x' already exists" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_reproduce_refuses_a_docs_report_of_another_budget_before_work(tmp_path):
+    (tmp_path / "docs").mkdir()
+    report = tmp_path / "docs" / "tasks.json"
+    report.write_text('{"suite": "tasks", "budget": "smoke", "rows": []}')
+    r = run("reproduce", "--suite", "tasks", "--out", "r", "--docs", "docs", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert "reports suite 'tasks' at budget 'smoke'" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs"]  # no work folder, the report untouched
+    assert report.read_text() == '{"suite": "tasks", "budget": "smoke", "rows": []}'
+
+
 def test_not_a_checkpoint(tmp_path, capsys):
     (tmp_path / "m").mkdir()
     assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "hi"]) == 2

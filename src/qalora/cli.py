@@ -179,16 +179,22 @@ def cmd_reproduce(args) -> int:
     if args.docs and not Path(args.docs).expanduser().resolve().parent.is_dir():
         raise QaloraError(f"--docs {args.docs!r}: its parent folder does not exist")
     previous = None
-    if args.docs and args.suite == "methods" and (Path(args.docs) / "methods.json").is_file():
+    report_file = {"methods": "methods.json", "tasks": "tasks.json"}.get(args.suite)
+    if args.docs and report_file and (Path(args.docs) / report_file).is_file():
         from qalora.io import read_json
 
-        previous = read_json(Path(args.docs) / "methods.json", "methods report")  # readable before any work
+        previous = read_json(Path(args.docs) / report_file, f"{args.suite} report")  # readable before any work
+        if (previous.get("suite"), previous.get("budget")) != (args.suite, args.budget):
+            raise QaloraError(f"{str(Path(args.docs) / report_file)!r} reports suite {previous.get('suite')!r} at "
+                              f"budget {previous.get('budget')!r}; write this run's report into another --docs folder")
     summary = reproduce(args.out, args.budget, args.model, suite=args.suite, grids=grids, cached_only=args.cached_only,
                         tasks=args.tasks, task_rows=args.task_rows, method_rows=args.method_rows,
                         progress=not args.quiet)
     if args.suite == "tasks":
-        from qalora.reproduce.tasks_report import tasks_markdown
+        from qalora.reproduce.tasks_report import merge_task_summaries, tasks_markdown
 
+        if args.docs:
+            summary = merge_task_summaries(previous, summary)  # the report keeps earlier calls' other rows
         command = "qalora " + " ".join(shlex.quote(a) for a in args.argv)
         md = tasks_markdown(summary, command)
         print(md)

@@ -231,6 +231,8 @@ def test_tasks_suite_smoke(tmp_path):
         assert len(r["per_item"]["index"]) == split["sizes"]["heldout"] and r["reported"] == "acc"
         assert r["acc"]["value"] == pytest.approx(sum(r["per_item"]["acc"]) / split["sizes"]["heldout"])
         assert (r["bits"] is None) == (name in ("base", "lora", "qlora"))
+    assert len({rows[n]["base_sha256"] for n in EXACT}) == 1                 # one GPTQ base, recorded
+    assert not any("base_sha256" in rows[n] for n in ("base", "lora", "qlora", "qlora+rtn", "qlora+gptq"))
     kinds = [(c["kind"], c["a"]) for c in s["comparisons"]]
     assert ("tuning gain", "sst2-lora") in kinds
     assert sum(k == "exact vs requantized" for k, _ in kinds) == len(EXACT)
@@ -283,3 +285,48 @@ def test_rows_on_another_base_are_flagged():
     assert mixed_bases(first["rows"]) == {} and "†" not in methods_table(first["rows"])
     del first["rows"][1]["base_sha256"]                      # unrecorded counts as another base
     assert mixed_bases(first["rows"]) == {"int3-g32": ["gptq-int3-g32", "qalora-int3-g32"]}
+
+
+def _task_row(task, name, bits, acc, base=None):
+    grid = f"-int{bits}-g32" if bits else ""
+    r = {"id": f"{task}-{name}{grid}", "task": task, "row": name, "label": name, "bits": bits,
+         "group_size": 32 if bits else None, "reported": "acc",
+         "acc": {"value": sum(acc) / len(acc), "stderr": 0.1}, "per_item": {"index": list(range(len(acc))), "acc": acc}}
+    return {**r, "base_sha256": base} if base else r
+
+
+def _tasks_summary(tasks, rows):
+    return {"suite": "tasks", "budget": "small", "source_sha256": "abc", "budget_settings": {"steps": 200},
+            "tasks": tasks, "grids": ["int3-g32"], "machine": {"processor": "x", "cpus": 2, "torch": "t"},
+            "seconds_this_call": 10.0, "rows": rows, "comparisons": []}
+
+
+def test_tasks_report_grows_over_calls_and_flags_mixed_bases():
+    """A second call's rows join the first call's (replacing a row of the same id), the
+    comparisons are those of all the rows, and exact rows on two GPTQ bases are listed."""
+    from qalora.reproduce.tasks_report import merge_task_summaries, tasks_markdown
+
+    first = _tasks_summary(["sst2"], [_task_row("sst2", "base", None, [0, 0, 1, 0]),
+                                      _task_row("sst2", "qlora+gptq", 3, [0, 1, 1, 0]),
+                                      _task_row("sst2", "qalora", 3, [1, 1, 1, 0], base="a" * 64)])
+    second = _tasks_summary(["sst2", "arithmetic"], [_task_row("sst2", "lora", None, [1, 1, 1, 1]),
+                                                     _task_row("sst2", "peqa", 3, [1, 1, 0, 1], base="b" * 64),
+                                                     _task_row("arithmetic", "base", None, [1, 0])])
+    merged = merge_task_summaries(first, second)
+    assert [r["id"] for r in merged["rows"]] == ["sst2-base", "sst2-lora", "sst2-qlora+gptq-int3-g32",
+                                                 "sst2-qalora-int3-g32", "sst2-peqa-int3-g32", "arithmetic-base"]
+    assert merged["tasks"] == ["sst2", "arithmetic"] and merged["grids"] == ["int3-g32"]
+    pairs = {(c["a"], c["b"]): c["diff"] for c in merged["comparisons"]}
+    assert pairs == {("sst2-lora", "sst2-base"): 0.75, ("sst2-qalora-int3-g32", "sst2-qlora+gptq-int3-g32"): 0.25,
+                     ("sst2-peqa-int3-g32", "sst2-qlora+gptq-int3-g32"): 0.25}
+    assert merged["mixed_bases"] == {"int3-g32": ["sst2-peqa-int3-g32", "sst2-qalora-int3-g32"]}
+    assert [e["rows"] for e in merged["earlier"]] == [sorted(r["id"] for r in first["rows"]),
+                                                      sorted(r["id"] for r in second["rows"])]
+    md = tasks_markdown(merged, "qalora reproduce --suite tasks")
+    assert "from 2 calls" in md and "more than one GPTQ base" in md and "## arithmetic" in md
+    redo = merge_task_summaries(merged, _tasks_summary(["sst2"], [_task_row("sst2", "qalora", 3, [0, 0, 0, 0], "b" * 64)]))
+    assert next(r for r in redo["rows"] if r["id"] == "sst2-qalora-int3-g32")["acc"]["value"] == 0.0
+    assert redo["mixed_bases"] == {} and len(redo["rows"]) == 6
+    assert merge_task_summaries(None, second) is second
+    with pytest.raises(QaloraError, match="budget_settings"):
+        merge_task_summaries(first, {**second, "budget_settings": {"steps": 100}})

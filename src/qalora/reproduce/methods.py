@@ -37,6 +37,7 @@ import time
 from dataclasses import dataclass, field
 
 from qalora.io import read_json, write_json
+from qalora.reproduce import accumulate
 
 GRIDS = ((3, 32), (4, 64), (2, 32))
 
@@ -98,14 +99,14 @@ def base_sha256(ws, bits: int, group: int) -> str:
     return weights_sha256(read_meta(ws.base("gptq", bits, group)))
 
 
+def _grid(r: dict) -> str:
+    return f"int{r['bits']}-g{r['group_size']}"
+
+
 def mixed_bases(rows: list[dict]) -> dict[str, list[str]]:
     """``{grid: [row ids]}`` for every grid whose rows do not all record one and the same base
     (a row without ``base_sha256`` counts as its own): their losses are not comparable as they stand."""
-    by: dict[str, set] = {}
-    for r in rows:
-        by.setdefault(f"int{r['bits']}-g{r['group_size']}", set()).add(r.get("base_sha256") or f"unrecorded:{r['id']}")
-    return {g: sorted(r["id"] for r in rows if f"int{r['bits']}-g{r['group_size']}" == g)
-            for g, shas in by.items() if len(shas) > 1}
+    return accumulate.mixed_bases(rows, _grid)
 
 
 def method_row(ws, row: MethodRow, bits: int, group: int) -> dict:
@@ -199,30 +200,13 @@ def run_methods(ws, grids=GRIDS, rows=METHOD_ROWS, say=print, cached_only: bool 
 def merge_summaries(previous: dict | None, summary: dict) -> dict:
     """``summary`` with the rows of ``previous`` (an earlier ``methods.json``) that this call did
     not produce (by row id: method row and grid), so one report grows row by row and grid by
-    grid over several calls (each run's work folder may be gone by the next). A row this call
-    produced replaces the earlier one. ``previous`` must be of the same budget and model
-    (one-line error otherwise); what each call contributed is listed under ``earlier``."""
-    from qalora.errors import QaloraError
-
-    if not previous:
-        return summary
-    for key in ("suite", "budget", "source_sha256", "budget_settings"):
-        if previous.get(key) != summary.get(key):
-            raise QaloraError(f"the earlier methods.json has {key} {previous.get(key)!r}, this run "
-                              f"{summary.get(key)!r}; write the report into another --docs folder")
-    now = {r["id"] for r in summary["rows"]}
-    kept = [r for r in previous.get("rows", []) if r["id"] not in now]
-    if not kept:
-        return summary
-    def grid(r):
-        return f"int{r['bits']}-g{r['group_size']}"
-    earlier = previous.get("earlier") or [{"grids": previous.get("grids"), "rows": [r["id"] for r in previous.get("rows", [])],
-                                           "machine": previous.get("machine"), "cached_only": previous.get("cached_only"),
-                                           "seconds_this_call": previous.get("seconds_this_call")}]
+    grid over several calls (:mod:`qalora.reproduce.accumulate`), with the grids of all its rows
+    and ``mixed_bases``."""
     order = {f"int{b}-g{g}": i for i, (b, g) in enumerate(GRIDS)}
     names = [r.name for r in METHOD_ROWS]
-    rows = sorted(kept + summary["rows"], key=lambda r: (order.get(grid(r), 99), names.index(r["row"]) if r["row"] in names else 99))
-    this = {"grids": summary["grids"], "rows": sorted(now), "machine": summary.get("machine"),
-            "cached_only": summary.get("cached_only"), "seconds_this_call": summary.get("seconds_this_call")}
-    grids = sorted({grid(r) for r in rows}, key=lambda g: order.get(g, 99))
-    return {**summary, "grids": grids, "rows": rows, "earlier": earlier + [this], "mixed_bases": mixed_bases(rows)}
+    merged = accumulate.accumulate(previous, summary, lambda r: (order.get(_grid(r), 99),
+                                   names.index(r["row"]) if r["row"] in names else 99), "methods.json")
+    if merged is None:
+        return summary
+    grids = sorted({_grid(r) for r in merged["rows"]}, key=lambda g: order.get(g, 99))
+    return {**merged, "grids": grids, "mixed_bases": mixed_bases(merged["rows"])}

@@ -3,13 +3,15 @@
 Per task: LoRA (16-bit) − base (does tuning teach this task? the suite keeps tasks where it gains
 >= 10 points), and per grid every exact method − QLoRA w/ GPTQ, each as the paired difference of
 the reported metric with its standard error and McNemar's exact p (:mod:`qalora.eval.paired`),
-called only beyond two standard errors.
+called only beyond two standard errors. ``merge_task_summaries`` grows one report over several
+calls (:mod:`qalora.reproduce.accumulate`).
 """
 
 from __future__ import annotations
 
 from qalora.eval.paired import align, paired, verdict
-from qalora.reproduce.tasks import EXACT
+from qalora.reproduce import accumulate
+from qalora.reproduce.tasks import EXACT, GRIDS, TASK_ROWS
 
 
 def _pair(a: dict, b: dict) -> dict:
@@ -31,6 +33,35 @@ def comparisons(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _exact_grid(r: dict) -> str | None:
+    """The grid of a row built on the grid's GPTQ base (exact methods), else ``None``."""
+    return f"int{r['bits']}-g{r['group_size']}" if r["row"] in EXACT else None
+
+
+def merge_task_summaries(previous: dict | None, summary: dict) -> dict:
+    """``summary`` with the rows of ``previous`` (an earlier ``tasks.json``) that this call did
+    not produce, ordered by task (earlier tasks first), row and grid; its tasks, grids and
+    comparisons are those of all the rows, and ``mixed_bases`` lists the grids whose exact rows
+    sit on different GPTQ bases."""
+    tasks = list(dict.fromkeys([*(previous or {}).get("tasks", []), *summary["tasks"]]))
+    names = [r.name for r in TASK_ROWS]
+    grids = [f"int{b}-g{g}" for b, g in GRIDS]
+
+    def order(r):
+        grid = f"int{r['bits']}-g{r['group_size']}" if r.get("bits") else None
+        return (tasks.index(r["task"]) if r["task"] in tasks else 99, names.index(r["row"]) if r["row"] in names else 99,
+                -1 if grid is None else grids.index(grid) if grid in grids else 99)
+
+    merged = accumulate.accumulate(previous, summary, order, "tasks.json")
+    if merged is None:
+        return summary
+    rows = merged["rows"]
+    have = {f"int{r['bits']}-g{r['group_size']}" for r in rows if r.get("bits")}
+    return {**merged, "tasks": [t for t in tasks if any(r["task"] == t for r in rows)],
+            "grids": [g for g in grids if g in have], "comparisons": comparisons(rows),
+            "mixed_bases": accumulate.mixed_bases(rows, _exact_grid)}
+
+
 def _pct(est: dict) -> str:
     if est.get("stderr") is None:
         return f"{100 * est['value']:.1f}"
@@ -49,6 +80,11 @@ def tasks_markdown(summary: dict, command: str) -> str:
     lines += [f"Machine: {m['processor']}, {m['cpus']} CPUs, torch {m['torch']}. Recorded time of the rows: "
               f"training {train / 3600:.2f} h{missing}, held-out scoring {score / 3600:.2f} h (this call "
               f"{summary['seconds_this_call'] / 3600:.2f} h; cached rows are read back, not recomputed).", ""]
+    if summary.get("earlier"):
+        lines += [f"The rows come from {len(summary['earlier'])} calls (listed under `earlier` in the JSON).", ""]
+    for grid, ids in (summary.get("mixed_bases") or {}).items():
+        lines += [f"{grid}: the exact rows sit on more than one GPTQ base (GPTQ is not bit-reproducible across "
+                  f"machines): {', '.join(ids)}; each still pairs with QLoRA w/ GPTQ, which does not use the base.", ""]
     for task in summary["tasks"]:
         mine = [r for r in rows if r["task"] == task]
         if not mine:
