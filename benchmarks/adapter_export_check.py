@@ -10,7 +10,9 @@ GGUFs of the quantized base and of the merged model (``export_gguf``). Then, on 
   agreement over every position, and greedy continuations (``generate``) compared token by token;
 - llama.cpp (llama-cpp-python): the base GGUF + the LoRA GGUF vs the merged GGUF, the same
   figures, plus llama.cpp's own floor (the merged GGUF vs qalora's fp32 merged logits: 8-bit
-  activations and fp16 d, m) to read the first against.
+  activations and fp16 d, m) and the merged GGUF against a copy whose every offset ``m`` is one
+  fp16 ulp away (``nudge_offsets``: the same model to fp16 storage precision), to read the first
+  against.
 
 Prints a table and writes ``benchmarks/results/adapter_export.json``::
 
@@ -173,6 +175,33 @@ def check_peft(run: Path, work: Path, tok, new_tokens: int) -> dict:
     return {**pooled(rows), "greedy": greedy_agreement(a, b)}
 
 
+def nudge_offsets(src: Path, dst: Path, seed: int = 0) -> int:
+    """Copy the GGUF ``src`` to ``dst`` with every Q4_1 block's ``m`` (bytes 2-3, fp16) moved by
+    one fp16 ulp, away from or towards zero at random (seeded); ``d`` and the codes unchanged.
+    The copy equals the original to fp16 storage precision: two such files are as different as
+    ``fp16(m + Δ)`` and ``fp16(m) + Δ`` can be. Returns the number of offsets moved (zeros kept)."""
+    import shutil
+
+    from gguf import GGUFReader, GGMLQuantizationType
+
+    shutil.copyfile(src, dst)
+    reader = GGUFReader(dst, "r+")
+    rng = np.random.default_rng(seed)
+    moved = 0
+    for t in reader.tensors:
+        if t.tensor_type != GGMLQuantizationType.Q4_1:
+            continue
+        blocks = t.data.reshape(-1, 20)                     # a writable view of the file
+        bits = blocks[:, 2:4].copy().view(np.uint16)[:, 0]
+        step = rng.choice(np.array([-1, 1], dtype=np.int32), size=bits.shape[0])
+        keep = (bits & 0x7FFF) == 0                         # ±0: a one-ulp step would change its sign
+        new = np.where(keep, bits, (bits.astype(np.int32) + step).astype(np.uint16))
+        blocks[:, 2:4] = new.view(np.uint8).reshape(-1, 2)
+        moved += int((~keep).sum())
+    reader.data.flush()
+    return moved
+
+
 def check_llama_cpp(run: Path, work: Path, tok, new_tokens: int, threads: int) -> dict:
     try:
         from llama_cpp import Llama
@@ -184,23 +213,30 @@ def check_llama_cpp(run: Path, work: Path, tok, new_tokens: int, threads: int) -
         return Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=256, logits_all=True,
                      verbose=False, n_threads=threads)
 
+    moved = nudge_offsets(work / "merged.gguf", work / "merged-nudged.gguf")
     served, merged = llm(work / "base.gguf", work / "adapter.gguf"), llm(work / "merged.gguf")
+    nudged = llm(work / "merged-nudged.gguf")
     ours = load(run / "merged", kernel="dense")
     pad = tok.eos_token_id if tok.eos_token_id is not None else 0
-    rows, floor, a, b, c, margins = [], [], [], [], [], []
+    rows, floor, ulp, a, b, c, d, margins = [], [], [], [], [], [], [], []
     for text in PROMPTS:
         ids = tok(text)["input_ids"]
         m = llama_logits(merged, ids)
         rows.append(compare(llama_logits(served, ids), m))
         floor.append(compare(m, hf_logits(ours, ids)))
+        ulp.append(compare(llama_logits(nudged, ids), m))
         a.append(llama_greedy(served, ids, new_tokens))
         margins.append([])
         b.append(llama_greedy(merged, ids, new_tokens, margins[-1]))
         c.append(hf_greedy(ours, ids, new_tokens, pad))
+        d.append(llama_greedy(nudged, ids, new_tokens))
     greedy = {**greedy_agreement(a, b), "first_divergence_margins": first_divergence_margins(a, b, margins)}
-    # the anchor: how well llama.cpp's merged GGUF reproduces qalora's own fp32 greedy output
+    # the anchors: how well llama.cpp's merged GGUF reproduces qalora's own fp32 greedy output, and
+    # how well it reproduces itself with its offsets one fp16 ulp away (the same model to fp16 storage)
     return {**pooled(rows), "greedy": greedy,
-            "floor_merged_gguf_vs_qalora_fp32": {**pooled(floor), "greedy": greedy_agreement(b, c)}}
+            "floor_merged_gguf_vs_qalora_fp32": {**pooled(floor), "greedy": greedy_agreement(b, c)},
+            "floor_merged_gguf_vs_one_ulp_offsets": {**pooled(ulp), "greedy": greedy_agreement(d, b),
+                                                     "offsets_moved": moved}}
 
 
 def table(result: dict) -> str:
@@ -215,12 +251,13 @@ def table(result: dict) -> str:
         g = r["greedy"]
         lines.append(f"{label:<40} {r['positions']:>9} {r['top1']:>6.3f} {r['mean_abs_diff']:>9.2e} "
                      f"{r['max_abs_diff']:>9.2e} {g['prompts_identical']:>5}/{g['prompts']:<5}")
-    f = result["llama_cpp"].get("floor_merged_gguf_vs_qalora_fp32")
-    if f:
-        g = f.get("greedy") or {}
-        lines.append(f"{'  floor: merged GGUF vs qalora fp32':<40} {f['positions']:>9} {f['top1']:>6.3f} "
-                     f"{f['mean_abs_diff']:>9.2e} {f['max_abs_diff']:>9.2e} "
-                     f"{g.get('prompts_identical', '-'):>5}/{g.get('prompts', '-'):<5}")
+    for label, key in (("  floor: merged GGUF vs qalora fp32", "floor_merged_gguf_vs_qalora_fp32"),
+                       ("  floor: merged GGUF, m one fp16 ulp off", "floor_merged_gguf_vs_one_ulp_offsets")):
+        f = result["llama_cpp"].get(key)
+        if f:
+            g = f.get("greedy") or {}
+            lines.append(f"{label:<40} {f['positions']:>9} {f['top1']:>6.3f} {f['mean_abs_diff']:>9.2e} "
+                         f"{f['max_abs_diff']:>9.2e} {g.get('prompts_identical', '-'):>5}/{g.get('prompts', '-'):<5}")
     return "\n".join(lines)
 
 

@@ -109,3 +109,40 @@ def test_decode_equality_first_difference():
     assert first_difference(a, torch.tensor([5, 6, 9, 8])) == 2
     assert first_difference(a, torch.tensor([9, 6, 7, 8])) == 0
     assert first_difference(a, a[:3]) == 3            # one stopped early: they part where it stopped
+
+
+def test_adapter_export_nudges_every_offset_by_one_fp16_ulp(tiny_model, tiny_tok, tmp_path):
+    """``nudge_offsets``: every nonzero Q4_1 ``m`` one fp16 ulp away, ``d``, codes, the other
+    tensors and the source file unchanged."""
+    import gguf
+    import numpy as np
+
+    from qalora.checkpoint import save_checkpoint
+    from qalora.config import QuantConfig
+    from qalora.export.gguf import export_gguf
+    from qalora.quant.model import quantize_model
+
+    quantize_model(tiny_model, QuantConfig(bits=3, group_size=32, method="rtn", skip=("lm_head",)), progress=False)
+    save_checkpoint(tiny_model, tiny_tok, tmp_path / "ckpt", {"source_model": "tiny"})
+    export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf", progress=False)
+    before = (tmp_path / "m.gguf").read_bytes()
+    moved = benchmark_module("adapter_export_check").nudge_offsets(tmp_path / "m.gguf", tmp_path / "n.gguf")
+    assert (tmp_path / "m.gguf").read_bytes() == before
+    a = {t.name: t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    b = {t.name: t for t in gguf.GGUFReader(tmp_path / "n.gguf").tensors}
+    counted = 0
+    for name, t in a.items():
+        x, y = np.asarray(t.data), np.asarray(b[name].data)
+        if t.tensor_type != gguf.GGMLQuantizationType.Q4_1:
+            assert np.array_equal(x, y), name
+            continue
+        x, y = x.reshape(-1, 20), y.reshape(-1, 20)
+        assert np.array_equal(x[:, :2], y[:, :2]) and np.array_equal(x[:, 4:], y[:, 4:])   # d and codes
+        mx = x[:, 2:4].copy().view(np.uint16)[:, 0].astype(np.int64)
+        my = y[:, 2:4].copy().view(np.uint16)[:, 0].astype(np.int64)
+        zero = (mx & 0x7FFF) == 0
+        assert np.array_equal(mx[zero], my[zero]) and np.all(np.abs(mx - my)[~zero] == 1)
+        ratio = y[:, 2:4].copy().view(np.float16)[~zero, 0].astype(np.float64) / x[:, 2:4].copy().view(np.float16)[~zero, 0]
+        assert np.all(np.abs(ratio - 1) <= 2.0 ** -10)               # one ulp, same sign
+        counted += int((~zero).sum())
+    assert moved == counted > 0
