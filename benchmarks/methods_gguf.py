@@ -21,7 +21,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from gguf_llamacpp import compare  # noqa: E402
 
-EXACT = ("qalora", "qalora+scales", "peqa", "lota", "lota+qalora", "lota-omega32")
 
 
 def main() -> None:
@@ -35,13 +34,16 @@ def main() -> None:
 
     import qalora
     from qalora.export.gguf import export_gguf
+    from qalora.reproduce.methods import METHOD_ROWS
+
+    exact = [r.name for r in METHOD_ROWS if r.method in ("qalora", "peqa", "lota")]  # every exactly merged row
 
     work = Path(args.work)
     (work / "gguf").mkdir(exist_ok=True)
     out = Path(args.out)
     old = json.loads(out.read_text()) if out.is_file() else {}
     results = [r for r in old.get("rows", []) if r.get("grid", old.get("grid")) not in args.grid]
-    for grid, name in ((g, n) for g in args.grid for n in EXACT):
+    for grid, name in ((g, n) for g in args.grid for n in exact):
         model_dir = work / "models" / f"{name}-{grid}"
         if not (model_dir / "merge_report.json").is_file():
             print(f"{name}: no merged model in {model_dir} (skipped)")
@@ -63,7 +65,7 @@ def main() -> None:
                         "max_abs_diff": max(r["max_abs_diff"] for r in rows),
                         "llama_cpp_answer": answer, "qalora_answer": ours})
         del llm, model
-    results.sort(key=lambda r: (r["grid"], EXACT.index(r["method"])))
+    results.sort(key=lambda r: (r["grid"], exact.index(r["method"]) if r["method"] in exact else 99))
     print(f"{'grid':<9} {'method':<14} {'GGUF MB':>8} {'positions':>9} {'top-1':>6} {'mean|d|':>8} {'max|d|':>7}  llama.cpp answer")
     for r in results:
         print(f"{r['grid']:<9} {r['method']:<14} {r['bytes'] / 1e6:>8.1f} {r['positions']:>9} {r['top1']:>6.3f} {r['mean_abs_diff']:>8.4f} "
