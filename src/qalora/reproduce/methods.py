@@ -90,15 +90,6 @@ def _merge_row(ws, row: MethodRow, bits: int, group: int):
     return (*ws.merged_model(rid, adir, acfg, base), acfg)
 
 
-def base_sha256(ws, bits: int, group: int) -> str:
-    """The weights SHA-256 of the grid's GPTQ base: GPTQ is not bit-reproducible across machines
-    (its fp32 Hessian and Cholesky arithmetic differ), so rows built on different days may sit on
-    different bases; every row records which one."""
-    from qalora.checkpoint import read_meta, weights_sha256
-
-    return weights_sha256(read_meta(ws.base("gptq", bits, group)))
-
-
 def _grid(r: dict) -> str:
     return f"int{r['bits']}-g{r['group_size']}"
 
@@ -128,7 +119,7 @@ def method_row(ws, row: MethodRow, bits: int, group: int) -> dict:
         return rec
     t0 = time.time()
     rec = {"id": rid, "row": row.name, "label": row.label, "method": row.method, "switches": row.switches,
-           "bits": bits, "group_size": group, "inputs": inputs, "base_sha256": base_sha256(ws, bits, group)}
+           "bits": bits, "group_size": group, "inputs": inputs, "base_sha256": ws.base_sha256(bits, group)}
     if report is not None:
         c = report.get("changes", {})
         rec.update({"kinds": acfg["kinds"], "trainable_parameters": acfg["trainable_parameters"],

@@ -49,6 +49,14 @@ class Workspace:
         self._heldout = None
 
     # --- stages: each reused only when its recorded inputs are this run's (stages.identity) ----
+    def base_sha256(self, bits: int, group: int) -> str:
+        """The weights SHA-256 of the grid's GPTQ base, which every row built on it records: GPTQ
+        is not bit-reproducible across machine types, so rows of different calls may sit on
+        different bases (``accumulate.mixed_bases``)."""
+        from qalora.checkpoint import read_meta, weights_sha256
+
+        return weights_sha256(read_meta(self.base("gptq", bits, group)))
+
     def base(self, method: str, bits: int, group: int) -> Path:
         from qalora.api import quantize
         from qalora.checkpoint import read_meta

@@ -104,7 +104,7 @@ def prepare_task(ws, task: str, tb: TaskBudget, limit: int | None = None) -> tup
 def _model(ws, task: str, row: TaskRow, grid, data: Path, tb: TaskBudget):
     """``(model, tokenizer, facts, inputs)`` of a row, built (or reused) through the workspace."""
     from qalora.adapters.format import adapter_sha256, load_adapted
-    from qalora.checkpoint import load, read_meta, weights_sha256
+    from qalora.checkpoint import load
     from qalora.config import QuantConfig
     from qalora.merging.requantize import merge_dense
     from qalora.models import load_fp_model, load_tokenizer
@@ -127,7 +127,7 @@ def _model(ws, task: str, row: TaskRow, grid, data: Path, tb: TaskBudget):
         base = ws.base("gptq", *grid)
         adir, acfg = ws.adapter(row.method, base, row_id(task, row, grid), overrides=train, **row.switches)
         path, report = ws.merged_model(row_id(task, row, grid), adir, acfg, base)
-    facts = {} if row.requant else {"base_sha256": weights_sha256(read_meta(base))}
+    facts = {} if row.requant else {"base_sha256": ws.base_sha256(*grid)}
     facts |= {"trainable_parameters": acfg["trainable_parameters"],
               "train_seconds": round(acfg["seconds_per_step"] * acfg["steps"], 1), "merge_lossy": bool(report.get("lossy")),
               "fp64_max_abs_logit_diff": report.get("fp64_max_abs_logit_diff"),
