@@ -26,7 +26,7 @@ def run(*args, cwd=None):
     (["train", "--out", "a", "--tsign-start", "0.99", "--tsign-mid", "0.9"], "t-SignSGD quantiles 0.99, 0.9, 0.9999 must rise"),
     (["reproduce", "--cached-only", "--out", "r"], "--cached-only applies to --suite methods only"),
     (["reproduce", "--suite", "methods", "--grids", "int3", "--out", "r"], "grid 'int3' is not of the form intB-gG"),
-    (["reproduce", "--suite", "methods", "--grids", "int5-g32", "--out", "r"], "grid (5, 32) is not one of the methods"),
+    (["reproduce", "--suite", "methods", "--grids", "int5-g32", "--out", "r"], "grid int5-g32 is not one of the methods"),
     (["reproduce", "--tasks", "sst2", "--out", "r"], "--tasks and --task-rows apply to --suite tasks only"),
     (["reproduce", "--docs", "no/such/docs", "--out", "r"], "--docs 'no/such/docs': its parent folder does not exist"),
     (["reproduce", "--suite", "tasks", "--tasks", "nope", "--out", "r"], "task 'nope' is not a tuning task; use: sst2"),

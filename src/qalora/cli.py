@@ -149,16 +149,6 @@ def cmd_pipeline(args) -> int:
     return 0
 
 
-def parse_grid(text: str) -> tuple[int, int]:
-    """``"int3-g32"`` -> ``(3, 32)``; anything else is refused in one line."""
-    import re
-
-    m = re.fullmatch(r"int(\d+)-g(\d+)", text)
-    if not m:
-        raise QaloraError(f"grid {text!r} is not of the form intB-gG, e.g. int3-g32")
-    return int(m.group(1)), int(m.group(2))
-
-
 def cmd_reproduce(args) -> int:
     import shlex
 
@@ -169,6 +159,8 @@ def cmd_reproduce(args) -> int:
     if args.grids:
         if args.suite == "paper":
             raise QaloraError("--grids applies to --suite methods or tasks only")
+        from qalora.reproduce.grids import parse_grid
+
         grids = [parse_grid(g) for g in args.grids]
     if args.cached_only and args.suite != "methods":
         raise QaloraError("--cached-only applies to --suite methods only")

@@ -164,13 +164,16 @@ def test_methods_suite_smoke(tmp_path):
         if name != "gptq":
             assert r["train_steps"] == 2 and r["merge"]["lossy"] == (name == "qlora+gptq")
             assert r["compute"] == {"dtype": "fp32", "base_kernel": "reference"}
+        if r.get("merge") and not r["merge"]["lossy"]:  # the gate the merge passed, kept beside its error
+            m = r["merge"]
+            assert 0 < m["fp32_storage_floor"] and m["fp64_max_abs_logit_diff"] <= m["fp64_tolerance"]
     assert rows["peqa"]["kinds"] == ["scales"] and rows["lota+qalora"]["kinds"] == ["lota", "qalora"]
     assert rows["peqa"]["merge"]["codes_changed_fraction"] == 0 and rows["peqa"]["merge"]["scales_changed_fraction"] > 0
     table = methods_table(s["rows"])
     assert "| LoTA-QAF + QA-LoRA |" in table and "INT2 g32" in table
     again = reproduce(tmp_path / "out", "smoke", str(tmp_path / "fp"), suite="methods", grids=[(2, 32)], progress=False)
     assert again["rows"] == s["rows"]  # cached
-    with pytest.raises(QaloraError, match="grid \\(5, 32\\) is not one of the methods suite's"):
+    with pytest.raises(QaloraError, match="grid int5-g32 is not one of the methods suite's"):
         reproduce(tmp_path / "out", "smoke", str(tmp_path / "fp"), suite="methods", grids=[(5, 32)], progress=False)
 
 

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 from qalora.io import read_json, write_json
 from qalora.reproduce import accumulate
+from qalora.reproduce.grids import grid_name, row_grid
 
 GRIDS = ((3, 32), (4, 64), (2, 32))
 
@@ -73,7 +74,7 @@ METHOD_ROWS = (
 
 
 def row_id(row: MethodRow, bits: int, group: int) -> str:
-    return f"{row.name}-int{bits}-g{group}"
+    return f"{row.name}-{grid_name(bits, group)}"
 
 
 def _merge_row(ws, row: MethodRow, bits: int, group: int):
@@ -90,14 +91,10 @@ def _merge_row(ws, row: MethodRow, bits: int, group: int):
     return (*ws.merged_model(rid, adir, acfg, base), acfg)
 
 
-def _grid(r: dict) -> str:
-    return f"int{r['bits']}-g{r['group_size']}"
-
-
 def mixed_bases(rows: list[dict]) -> dict[str, list[str]]:
     """``{grid: [row ids]}`` for every grid whose rows do not all record one and the same base
     (a row without ``base_sha256`` counts as its own): their losses are not comparable as they stand."""
-    return accumulate.mixed_bases(rows, _grid)
+    return accumulate.mixed_bases(rows, row_grid)
 
 
 def method_row(ws, row: MethodRow, bits: int, group: int) -> dict:
@@ -129,6 +126,8 @@ def method_row(ws, row: MethodRow, bits: int, group: int) -> dict:
                     "val_loss_start": acfg.get("val_loss_start"), "val_loss_end": acfg.get("val_loss_end"),
                     "merge": {"lossy": bool(report.get("lossy")),
                               "fp64_max_abs_logit_diff": report.get("fp64_max_abs_logit_diff"),
+                              "fp64_tolerance": report.get("fp64_tolerance"),
+                              "fp32_storage_floor": report.get("fp32_storage_floor"),
                               "fp32_max_abs_logit_diff": (report.get("reference") or {}).get("max_abs_logit_diff"),
                               "max_weight_err_ulps": (report.get("weights") or {}).get("max_weight_err_ulps"),
                               "top1_agreement": (report.get("reference") or {}).get("top1_agreement"),
@@ -153,7 +152,7 @@ def methods_table(rows: list[dict]) -> str:
     lines = [head, "|" + "---|" * (len(grids) + 3)]
     # grids whose rows sit on more than one base: the base of their untuned gptq row (None: unrecorded)
     mixed = mixed_bases(rows)
-    apart = {(b, g): (by.get(("gptq", b, g)) or {}).get("base_sha256") for b, g in grids if f"int{b}-g{g}" in mixed}
+    apart = {(b, g): (by.get(("gptq", b, g)) or {}).get("base_sha256") for b, g in grids if grid_name(b, g) in mixed}
     marked = False
     for row in METHOD_ROWS:
         cells = []
@@ -193,11 +192,11 @@ def merge_summaries(previous: dict | None, summary: dict) -> dict:
     not produce (by row id: method row and grid), so one report grows row by row and grid by
     grid over several calls (:mod:`qalora.reproduce.accumulate`), with the grids of all its rows
     and ``mixed_bases``."""
-    order = {f"int{b}-g{g}": i for i, (b, g) in enumerate(GRIDS)}
+    order = {grid_name(b, g): i for i, (b, g) in enumerate(GRIDS)}
     names = [r.name for r in METHOD_ROWS]
-    merged = accumulate.accumulate(previous, summary, lambda r: (order.get(_grid(r), 99),
+    merged = accumulate.accumulate(previous, summary, lambda r: (order.get(row_grid(r), 99),
                                    names.index(r["row"]) if r["row"] in names else 99), "methods.json")
     if merged is None:
         return summary
-    grids = sorted({_grid(r) for r in merged["rows"]}, key=lambda g: order.get(g, 99))
+    grids = sorted({row_grid(r) for r in merged["rows"]}, key=lambda g: order.get(g, 99))
     return {**merged, "grids": grids, "mixed_bases": mixed_bases(merged["rows"])}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 
 from qalora.errors import QaloraError
+from qalora.reproduce.grids import grid_name
 
 # The paper's seven commonsense tasks, plus SocialIQA (reported beside them, not averaged).
 COMMONSENSE = ("hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge", "boolq", "openbookqa")
@@ -81,7 +82,7 @@ class Row:
 
     @property
     def id(self) -> str:
-        return self.method if self.bits is None else f"{self.method}-int{self.bits}-g{self.group_size}"
+        return self.method if self.bits is None else f"{self.method}-{grid_name(self.bits, self.group_size)}"
 
     @property
     def tuned(self) -> bool:

@@ -27,6 +27,7 @@ import torch
 from qalora.config import LoraConfig, QuantConfig, TrainConfig
 from qalora.errors import QaloraError
 from qalora.io import model_fingerprint, read_json, work_dir, write_json
+from qalora.reproduce.grids import grid_name, grid_names
 from qalora.reproduce.report import timing
 from qalora.stages.identity import normalized, require_same
 from qalora.reproduce.plan import COMMONSENSE, EXTRA_CHOICE, Budget, Row, budget as get_budget, plan_rows
@@ -61,7 +62,7 @@ class Workspace:
         from qalora.api import quantize
         from qalora.checkpoint import read_meta
 
-        path = self.root / "bases" / f"{method}-int{bits}-g{group}"
+        path = self.root / "bases" / f"{method}-{grid_name(bits, group)}"
         config = QuantConfig(bits=bits, group_size=group, method=method, calib_samples=self.b.calib_samples)
         if (path / "qalora.json").is_file():
             meta = read_meta(path)
@@ -315,13 +316,13 @@ def reproduce(out: str | os.PathLike = "qalora-reproduce", budget: str = "small"
         t0 = time.time()
         chosen = [r for r in METHOD_ROWS if method_rows is None or r.name in method_rows]
         done = run_methods(ws, grids, chosen, say=lambda m: _say(m, progress), cached_only=cached_only)
-        summary = {**plan, "suite": "methods", "cached_only": cached_only, "grids": [f"int{b}-g{g}" for b, g in grids],
+        summary = {**plan, "suite": "methods", "cached_only": cached_only, "grids": grid_names(grids),
                    "method_rows": [r.name for r in chosen], "machine": machine(),
                    "rows": done,
                    "seconds_this_call": round(time.time() - t0, 1)}
         if not cached_only:
             write_json(root / ("methods.json" if grids == list(GRIDS) and method_rows is None else
-                               "methods-" + "-".join(f"int{b}g{g}" for b, g in grids) + ".json"), summary)
+                               "methods-" + "-".join(grid_name(b, g).replace("-", "") for b, g in grids) + ".json"), summary)
         return summary
     if suite == "tasks":
         return _tasks_suite(ws, plan, b.name, tasks, task_rows, grids, limit, progress)
@@ -353,8 +354,7 @@ def _check_suite_args(suite: str, grids, tasks, task_rows, method_rows=None) -> 
     grids = list(grids or allowed)
     bad = [g for g in grids if g not in allowed]
     if bad:
-        raise QaloraError(f"grid {bad[0]} is not one of the {suite} suite's: "
-                          + ", ".join(f"int{b}-g{g}" for b, g in allowed))
+        raise QaloraError(f"grid {grid_name(*bad[0])} is not one of the {suite} suite's: " + ", ".join(grid_names(allowed)))
     unknown = [t for t in tasks or () if t not in FINETUNE_TASKS]
     if unknown:
         raise QaloraError(f"task {unknown[0]!r} is not a tuning task; use: {', '.join(FINETUNE_TASKS)}")
@@ -379,7 +379,7 @@ def _tasks_suite(ws, plan: dict, budget: str, tasks, task_rows, grids, limit, pr
     rows = [r for r in TASK_ROWS if task_rows is None or r.name in task_rows]
     t0 = time.time()
     done = run_tasks(ws, budget, tasks, grids, rows, say=lambda m: _say(m, progress), limit=limit)
-    summary = {**plan, "suite": "tasks", "tasks": tasks, "grids": [f"int{b}-g{g}" for b, g in grids],
+    summary = {**plan, "suite": "tasks", "tasks": tasks, "grids": grid_names(grids),
                "machine": machine(), "rows": done, "comparisons": comparisons(done),
                "seconds_this_call": round(time.time() - t0, 1)}
     write_json(ws.root / "tasks.json", summary)

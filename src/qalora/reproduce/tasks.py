@@ -24,6 +24,7 @@ from pathlib import Path
 
 from qalora.errors import QaloraError
 from qalora.io import read_json, write_json
+from qalora.reproduce.grids import grid_name
 
 GRIDS = ((4, 64), (3, 32), (2, 32))
 
@@ -72,7 +73,7 @@ TASK_BUDGETS = {"small": TaskBudget(steps=200, batch_size=8, max_seq_len=256, he
 
 
 def row_id(task: str, row: TaskRow, grid: tuple[int, int] | None) -> str:
-    return f"{task}-{row.name}" + (f"-int{grid[0]}-g{grid[1]}" if grid else "")
+    return f"{task}-{row.name}" + (f"-{grid_name(*grid)}" if grid else "")
 
 
 def prepare_task(ws, task: str, tb: TaskBudget, limit: int | None = None) -> tuple[Path, tuple]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from qalora.eval.paired import align, paired, verdict
 from qalora.reproduce import accumulate
+from qalora.reproduce.grids import grid_names, row_grid
 from qalora.reproduce.tasks import EXACT, GRIDS, TASK_ROWS
 
 
@@ -35,7 +36,7 @@ def comparisons(rows: list[dict]) -> list[dict]:
 
 def _exact_grid(r: dict) -> str | None:
     """The grid of a row built on the grid's GPTQ base (exact methods), else ``None``."""
-    return f"int{r['bits']}-g{r['group_size']}" if r["row"] in EXACT else None
+    return row_grid(r) if r["row"] in EXACT else None
 
 
 def merge_task_summaries(previous: dict | None, summary: dict) -> dict:
@@ -45,10 +46,10 @@ def merge_task_summaries(previous: dict | None, summary: dict) -> dict:
     sit on different GPTQ bases."""
     tasks = list(dict.fromkeys([*(previous or {}).get("tasks", []), *summary["tasks"]]))
     names = [r.name for r in TASK_ROWS]
-    grids = [f"int{b}-g{g}" for b, g in GRIDS]
+    grids = grid_names(GRIDS)
 
     def order(r):
-        grid = f"int{r['bits']}-g{r['group_size']}" if r.get("bits") else None
+        grid = row_grid(r)
         return (tasks.index(r["task"]) if r["task"] in tasks else 99, names.index(r["row"]) if r["row"] in names else 99,
                 -1 if grid is None else grids.index(grid) if grid in grids else 99)
 
@@ -56,7 +57,7 @@ def merge_task_summaries(previous: dict | None, summary: dict) -> dict:
     if merged is None:
         return summary
     rows = merged["rows"]
-    have = {f"int{r['bits']}-g{r['group_size']}" for r in rows if r.get("bits")}
+    have = {row_grid(r) for r in rows if r.get("bits")}
     return {**merged, "tasks": [t for t in tasks if any(r["task"] == t for r in rows)],
             "grids": [g for g in grids if g in have], "comparisons": comparisons(rows),
             "mixed_bases": accumulate.mixed_bases(rows, _exact_grid)}
