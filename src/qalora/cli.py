@@ -183,19 +183,14 @@ def cmd_reproduce(args) -> int:
                         tasks=args.tasks, task_rows=args.task_rows, method_rows=args.method_rows,
                         progress=not args.quiet)
     if args.suite == "tasks":
-        from qalora.reproduce.tasks_report import merge_task_summaries, tasks_markdown
+        from qalora.reproduce.tasks_report import PLOT_FILE, merge_task_summaries, tasks_markdown, write_task_docs
 
         if args.docs:
             summary = merge_task_summaries(previous, summary)  # the report keeps earlier calls' other rows
         command = "qalora " + " ".join(shlex.quote(a) for a in args.argv)
-        md = tasks_markdown(summary, command)
-        print(md)
-        if args.docs:
-            Path(args.docs).mkdir(exist_ok=True)
-            for name, write in (("tasks.json", lambda p: write_json(p, summary)),
-                                ("RESULTS_TASKS.md", lambda p: p.write_text(md + "\n"))):
-                write(Path(args.docs) / name)
-                print(f"wrote {Path(args.docs) / name}")
+        print(tasks_markdown(summary, command, plot=PLOT_FILE if args.docs else None))
+        for path in write_task_docs(summary, args.docs, command) if args.docs else ():
+            print(f"wrote {path}")
         return 0
     if args.suite == "methods":
         from qalora.reproduce.methods import merge_summaries, methods_table

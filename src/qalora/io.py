@@ -164,6 +164,12 @@ def work_dir(out: str | os.PathLike) -> Path:
     return root
 
 
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_file`)."""
+    with atomic_file(Path(path)) as tmp:
+        tmp.write_text(text)
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
     """Write ``obj`` as JSON to ``path`` atomically (a temporary sibling renamed over it), so a
     reader never sees half a file."""

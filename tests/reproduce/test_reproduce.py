@@ -218,7 +218,7 @@ def test_tasks_suite_smoke(tmp_path):
     """Every row of the task suite on a tiny model: split written once, rows trained on the
     training part, scored on the held-out part with per-item outcomes, compared paired; cached."""
     from qalora.reproduce.tasks import EXACT, TASK_ROWS
-    from qalora.reproduce.tasks_report import tasks_markdown
+    from qalora.reproduce.tasks_report import tasks_markdown, write_task_docs
 
     tiny_llama(0).save_pretrained(tmp_path / "fp")
     tiny_tokenizer().save_pretrained(tmp_path / "fp")
@@ -241,6 +241,10 @@ def test_tasks_suite_smoke(tmp_path):
     assert sum(k == "exact vs requantized" for k, _ in kinds) == len(EXACT)
     md = tasks_markdown(s, "qalora reproduce --suite tasks")
     assert "## sst2 (acc," in md and "| QA-LoRA + scales |" in md and "McNemar p" in md
+    written = write_task_docs(s, tmp_path / "docs", "qalora reproduce --suite tasks")
+    assert [p.name for p in written] == ["tasks.json", "results_tasks.png", "RESULTS_TASKS.md"]
+    assert json.loads(written[0].read_text())["rows"] == s["rows"] and written[1].read_bytes()[:4] == b"\x89PNG"
+    assert "(results_tasks.png)" in written[2].read_text()
     again = reproduce(tmp_path / "out", "smoke", str(tmp_path / "fp"), **kw)
     assert again["rows"] == s["rows"]
     with pytest.raises(QaloraError, match="task 'nope' is not a tuning task"):

@@ -9,6 +9,8 @@ calls (:mod:`qalora.reproduce.accumulate`).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from qalora.eval.paired import align, paired, verdict
 from qalora.reproduce import accumulate
 from qalora.reproduce.grids import grid_names, row_grid
@@ -69,8 +71,12 @@ def _pct(est: dict) -> str:
     return f"{100 * est['value']:.1f} ± {100 * est['stderr']:.1f}"
 
 
-def tasks_markdown(summary: dict, command: str) -> str:
-    """``RESULTS_TASKS.md``: per task a table of held-out accuracy and the paired verdicts."""
+PLOT_FILE = "results_tasks.png"
+
+
+def tasks_markdown(summary: dict, command: str, plot: str | None = None) -> str:
+    """``RESULTS_TASKS.md``: per task a table of held-out accuracy and the paired verdicts;
+    ``plot``: the file name of the plot beside it (:mod:`qalora.reproduce.tasks_plot`), shown first."""
     rows, lines = summary["rows"], ["# Task-specific tuning: held-out accuracy, paired comparisons", "",
                                     f"Command: `{command}`", ""]
     m = summary["machine"]
@@ -81,6 +87,8 @@ def tasks_markdown(summary: dict, command: str) -> str:
     lines += [f"Machine: {m['processor']}, {m['cpus']} CPUs, torch {m['torch']}. Recorded time of the rows: "
               f"training {train / 3600:.2f} h{missing}, held-out scoring {score / 3600:.2f} h (this call "
               f"{summary['seconds_this_call'] / 3600:.2f} h; cached rows are read back, not recomputed).", ""]
+    if plot:
+        lines += [f"![held-out accuracy vs bits per method]({plot})", ""]
     if summary.get("earlier"):
         lines += [f"The rows come from {len(summary['earlier'])} calls (listed under `earlier` in the JSON).", ""]
     for grid, ids in (summary.get("mixed_bases") or {}).items():
@@ -110,3 +118,17 @@ def tasks_markdown(summary: dict, command: str) -> str:
                          f"{c['b_only']} discordant, McNemar p = {c['mcnemar_p']:.3g})")
         lines.append("")
     return "\n".join(lines)
+
+
+def write_task_docs(summary: dict, folder, command: str) -> list[Path]:
+    """``tasks.json``, the plot and ``RESULTS_TASKS.md`` into ``folder``, each written atomically."""
+    from qalora.io import write_json, write_text
+    from qalora.reproduce.tasks_plot import plot_tasks
+
+    folder = Path(folder)
+    folder.mkdir(exist_ok=True)
+    paths = [folder / "tasks.json", folder / PLOT_FILE, folder / "RESULTS_TASKS.md"]
+    write_json(paths[0], summary)
+    plot_tasks(summary, paths[1])
+    write_text(paths[2], tasks_markdown(summary, command, plot=PLOT_FILE) + "\n")
+    return paths

@@ -1,0 +1,64 @@
+"""The task suite's plot: held-out accuracy vs bits per method, one panel per task (PNG).
+
+x: the suite's grids in order of bits (INT2 g32, INT3 g32, INT4 g64); y: the task's reported
+metric in % with its standard error as an error bar. Rows without a grid (base, LoRA, QLoRA:
+16-bit) are horizontal lines, so a method's distance from 16-bit LoRA is what its quantized
+merge kept of the tuning.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from qalora.io import atomic_file
+from qalora.reproduce.tasks import TASK_ROWS
+
+STYLES = {"qlora+rtn": "^:", "qlora+gptq": "s--", "qalora": "o-", "qalora+scales": "D-", "peqa": "v-",
+          "lota": "P-", "lota+qalora": "X-"}
+FLAT = {"base": "k", "lora": "tab:green", "qlora": "tab:purple"}
+
+
+def plot_points(rows: list[dict], task: str, name: str) -> list[tuple[int, float, float]]:
+    """``[(bits, value %, stderr %)]`` of ``task``'s row ``name`` at every grid it was scored on, by bits."""
+    out = []
+    for r in rows:
+        if r["task"] == task and r["row"] == name and r.get("bits"):
+            est = r[r["reported"]]
+            out.append((r["bits"], 100 * est["value"], 100 * (est.get("stderr") or 0.0)))
+    return sorted(out)
+
+
+def plot_tasks(summary: dict, path: str | os.PathLike) -> None:
+    """Write the plot of ``summary`` (a tasks report: ``tasks``, ``rows``) to ``path`` atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, tasks = summary["rows"], [t for t in summary["tasks"] if any(r["task"] == t for r in summary["rows"])]
+    labels = {r.name: r.label for r in TASK_ROWS}
+    grids = sorted({(r["bits"], r["group_size"]) for r in rows if r.get("bits")})
+    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(5.5 * max(1, len(tasks)), 4.4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for name, style in STYLES.items():
+            pts = plot_points(rows, task, name)
+            if pts:
+                ax.errorbar([b for b, _, _ in pts], [v for _, v, _ in pts], yerr=[e for _, _, e in pts],
+                            fmt=style, capsize=3, label=labels[name])
+        for r in rows:
+            if r["task"] == task and r["row"] in FLAT:
+                ax.axhline(100 * r[r["reported"]]["value"], color=FLAT[r["row"]], lw=0.8, ls="--",
+                           label=labels[r["row"]])
+        ax.set_xticks([b for b, _ in grids], [f"INT{b} g{g}" for b, g in grids])
+        reported = next(r["reported"] for r in rows if r["task"] == task)
+        ax.set_ylabel(f"held-out {reported}, %")
+        ax.set_title(task)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    try:
+        with atomic_file(Path(path)) as tmp:
+            fig.savefig(str(tmp), format="png", dpi=120)
+    finally:
+        plt.close(fig)
