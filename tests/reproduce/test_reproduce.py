@@ -234,7 +234,8 @@ def test_tasks_suite_smoke(tmp_path):
         assert len(r["per_item"]["index"]) == split["sizes"]["heldout"] and r["reported"] == "acc"
         assert r["acc"]["value"] == pytest.approx(sum(r["per_item"]["acc"]) / split["sizes"]["heldout"])
         assert (r["bits"] is None) == (name in ("base", "lora", "qlora"))
-    assert len({rows[n]["base_sha256"] for n in EXACT}) == 1                 # one GPTQ base, recorded
+    assert len({rows[n]["base_sha256"] for n in (*EXACT, "gptq")}) == 1       # one GPTQ base, recorded
+    assert rows["gptq"]["method"] is None and rows["gptq"]["steps"] == 0 and rows["gptq"]["bits"] == 2
     assert not any("base_sha256" in rows[n] for n in ("base", "lora", "qlora", "qlora+rtn", "qlora+gptq"))
     kinds = [(c["kind"], c["a"]) for c in s["comparisons"]]
     assert ("tuning gain", "sst2-lora") in kinds

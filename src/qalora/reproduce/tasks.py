@@ -6,8 +6,8 @@ the training part as completion records (the scorer's own strings) for the same 
 learning rate and seed; every row is scored on the held-out part, and keeps each item's outcome.
 
 Rows per task (``TASK_ROWS``): the untuned base; LoRA (16-bit) and QLoRA (NF4), merged in 16 bits;
-and per grid (INT4 g64, INT3 g32, INT2 g32, GPTQ bases) QLoRA w/ RTN and w/ GPTQ (merged, then
-quantized again: lossy) and every exactly mergeable method (merged exactly, verified). Each
+and per grid (INT4 g64, INT3 g32, INT2 g32, GPTQ bases) the untuned GPTQ base, QLoRA w/ RTN and
+w/ GPTQ (merged, then quantized again: lossy) and every exactly mergeable method (merged exactly, verified). Each
 exact method is compared with QLoRA w/ GPTQ at the same grid, paired over the held-out items
 (:mod:`qalora.eval.paired`), and called only beyond two standard errors.
 
@@ -46,6 +46,7 @@ TASK_ROWS = (
     TaskRow("base", None, grid=False, label="base (16-bit, untuned)"),
     TaskRow("lora", "lora", grid=False, label="LoRA (16-bit)"),
     TaskRow("qlora", "qlora", grid=False, label="QLoRA (NF4 + 16-bit)"),
+    TaskRow("gptq", None, label="GPTQ, untuned (the exact rows' base)"),
     TaskRow("qlora+rtn", "qlora", requant="rtn", label="QLoRA w/ RTN (lossy)"),
     TaskRow("qlora+gptq", "qlora", requant="gptq", label="QLoRA w/ GPTQ (lossy)"),
     TaskRow("qalora", "qalora", label="QA-LoRA"),
@@ -111,6 +112,10 @@ def _model(ws, task: str, row: TaskRow, grid, data: Path, tb: TaskBudget):
     from qalora.models import load_fp_model, load_tokenizer
 
     train = dict(data=str(data), steps=tb.steps, batch_size=tb.batch_size, max_seq_len=tb.max_seq_len)
+    if row.method is None and grid is not None:  # the grid's GPTQ base, untuned: where the exact rows start
+        path = ws.base("gptq", *grid)
+        return load(path, kernel="dense"), load_tokenizer(path), {"base_sha256": ws.base_sha256(*grid)}, \
+            ws.checkpoint_identity(path)
     if row.method is None:
         model, tok, _ = load_fp_model(ws.fp_folder)
         return model, tok, {}, {"source_sha256": ws.source_sha256}

@@ -14,7 +14,7 @@ from pathlib import Path
 from qalora.io import atomic_file
 from qalora.reproduce.tasks import TASK_ROWS
 
-STYLES = {"qlora+rtn": "^:", "qlora+gptq": "s--", "qalora": "o-", "qalora+scales": "D-", "peqa": "v-",
+STYLES = {"gptq": "x-.", "qlora+rtn": "^:", "qlora+gptq": "s--", "qalora": "o-", "qalora+scales": "D-", "peqa": "v-",
           "lota": "P-", "lota+qalora": "X-"}
 FLAT = {"base": "k", "lora": "tab:green", "qlora": "tab:purple"}
 

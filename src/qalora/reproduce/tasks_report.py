@@ -37,8 +37,8 @@ def comparisons(rows: list[dict]) -> list[dict]:
 
 
 def _exact_grid(r: dict) -> str | None:
-    """The grid of a row built on the grid's GPTQ base (exact methods), else ``None``."""
-    return row_grid(r) if r["row"] in EXACT else None
+    """The grid of a row built on the grid's GPTQ base (the untuned base, exact methods), else ``None``."""
+    return row_grid(r) if r["row"] in EXACT or r["row"] == "gptq" else None
 
 
 def merge_task_summaries(previous: dict | None, summary: dict) -> dict:
