@@ -55,10 +55,10 @@ def plot_tasks(summary: dict, path: str | os.PathLike) -> None:
         ax.set_ylabel(f"held-out {reported}, %")
         ax.set_title(task)
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the panels, not over them
     fig.tight_layout()
     try:
         with atomic_file(Path(path)) as tmp:
-            fig.savefig(str(tmp), format="png", dpi=120)
+            fig.savefig(str(tmp), format="png", dpi=120, bbox_inches="tight")
     finally:
         plt.close(fig)
