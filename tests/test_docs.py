@@ -227,6 +227,33 @@ def check_methods_measured(md: str) -> None:
             check(params, r3["trainable_parameters"], f"methods {label} trainable", scale=1e-6)
 
 
+def check_tasks_measured(md: str) -> None:
+    """The SST-2 INT3 g32 table: each row's held-out accuracy ± its standard error (%) and its paired
+    difference from QLoRA w/ GPTQ ± standard error with the verdict, as ``docs/tasks.json`` holds them."""
+    line, head, rows = table_at(md, "| row | SST-2 held-out acc |")
+    named_beside(md, line, "docs/tasks.json", before=20)
+    js = load("docs/tasks.json")
+    by = {r["label"]: r for r in js["rows"] if r["task"] == "sst2" and (r["bits"], r["group_size"]) == (3, 32)}
+    pairs = {(c["a"], c["b"]): c for c in js["comparisons"]}
+    assert len(rows) >= 6, "the SST-2 table lost rows"
+    for label, acc, vs in rows:
+        r = by.get(label)
+        assert r is not None, f"tasks: no sst2 INT3 g32 row labelled {label!r} in docs/tasks.json"
+        value, se = acc.split(" ± ")
+        check(value, r["acc"]["value"], f"tasks {label} acc", scale=100)
+        check(se, r["acc"]["stderr"], f"tasks {label} stderr", scale=100)
+        if r["row"] == "qlora+gptq":
+            assert vs == "-", vs
+            continue
+        c = pairs[(r["id"], "sst2-qlora+gptq-int3-g32")]
+        diff, rest = vs.replace("−", "-").split(" ± ")
+        se_text, word = rest.split(", ")
+        check(diff, c["diff"], f"tasks {label} paired difference", scale=100)
+        check(se_text, c["stderr"], f"tasks {label} paired stderr", scale=100)
+        expected = {"beat": "beat", "lost to": "lost"}.get(c["verdict"], "no clear difference")
+        assert word == expected, f"tasks {label}: README says {word!r}, the JSON's verdict is {c['verdict']!r}"
+
+
 # the "what each trains" table's method cell -> docs/methods.json's label
 METHOD_LABELS = {"`qalora`": "QA-LoRA", "`qalora --train-scales`": "QA-LoRA + scales", "`peqa`": "PEQA (scales)",
                  "`lota`": "LoTA-QAF", "`lota --with-qalora`": "LoTA-QAF + QA-LoRA",
@@ -273,6 +300,7 @@ CHECKS = {
     "| method | INT": check_methods_measured,
     "| method | trains (per layer": check_methods_trainable,
     "| format | runtime | widths, groups |": check_export_sizes,
+    "| row | SST-2 held-out acc |": check_tasks_measured,
 }
 # tables no committed JSON backs: the README must say so beside them
 UNCHECKED = {"| task | n | acc | acc_norm | wall |": "qalora eval / lm-eval figures of 2026-11-24"}
