@@ -70,3 +70,35 @@ def test_tensors_read_once_with_fresh_tensor_objects(tmp_path):
     a["w"].data = a["w"].data.double()                          # rebinding one leaves the other as it was
     assert b["w"].dtype == torch.float32 and torch.equal(b["w"], torch.arange(6.0).reshape(2, 3))
     assert files.counts() == {"hashed": 0, "tokenizers": 0, "tensor_files": 1}
+
+
+_TRY_LOCK = """
+import fcntl, sys
+with open(sys.argv[1], "a") as f:
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print("held")
+    else:
+        print("free")
+"""
+
+
+def test_locked_excludes_another_process_until_the_block_ends(tmp_path):
+    """While one process is inside ``locked(report)`` another cannot take the same lock (the
+    calls that merge rows into one report run one at a time); after the block it can."""
+    import subprocess
+    import sys
+
+    from qalora.io import locked
+
+    report = tmp_path / "tasks.json"
+    lock = tmp_path / ".tasks.json.lock"
+
+    def other() -> str:
+        return subprocess.run([sys.executable, "-c", _TRY_LOCK, str(lock)], capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    with locked(report):
+        assert lock.exists() and other() == "held"
+    assert other() == "free"

@@ -149,10 +149,25 @@ def cmd_pipeline(args) -> int:
     return 0
 
 
+def _earlier_report(args, report_file: str | None) -> dict | None:
+    """The report already in ``--docs`` (``None`` if there is none), refused in one line when it
+    is unreadable or of another suite or budget. Read before any work, and again under the lock
+    just before this call's rows are merged into it (calls may run side by side)."""
+    if not (args.docs and report_file and (Path(args.docs) / report_file).is_file()):
+        return None
+    from qalora.io import read_json
+
+    previous = read_json(Path(args.docs) / report_file, f"{args.suite} report")
+    if (previous.get("suite"), previous.get("budget")) != (args.suite, args.budget):
+        raise QaloraError(f"{str(Path(args.docs) / report_file)!r} reports suite {previous.get('suite')!r} at "
+                          f"budget {previous.get('budget')!r}; write this run's report into another --docs folder")
+    return previous
+
+
 def cmd_reproduce(args) -> int:
     import shlex
 
-    from qalora.io import write_json
+    from qalora.io import locked, write_json
     from qalora.reproduce import reproduce, write_docs
 
     grids = None
@@ -170,26 +185,24 @@ def cmd_reproduce(args) -> int:
         raise QaloraError("--tasks and --task-rows apply to --suite tasks only")
     if args.docs and not Path(args.docs).expanduser().resolve().parent.is_dir():
         raise QaloraError(f"--docs {args.docs!r}: its parent folder does not exist")
-    previous = None
     report_file = {"methods": "methods.json", "tasks": "tasks.json"}.get(args.suite)
-    if args.docs and report_file and (Path(args.docs) / report_file).is_file():
-        from qalora.io import read_json
-
-        previous = read_json(Path(args.docs) / report_file, f"{args.suite} report")  # readable before any work
-        if (previous.get("suite"), previous.get("budget")) != (args.suite, args.budget):
-            raise QaloraError(f"{str(Path(args.docs) / report_file)!r} reports suite {previous.get('suite')!r} at "
-                              f"budget {previous.get('budget')!r}; write this run's report into another --docs folder")
+    _earlier_report(args, report_file)  # readable and of this suite before any work
     summary = reproduce(args.out, args.budget, args.model, suite=args.suite, grids=grids, cached_only=args.cached_only,
                         tasks=args.tasks, task_rows=args.task_rows, method_rows=args.method_rows,
                         progress=not args.quiet)
     if args.suite == "tasks":
         from qalora.reproduce.tasks_report import PLOT_FILE, merge_task_summaries, tasks_markdown, write_task_docs
 
-        if args.docs:
-            summary = merge_task_summaries(previous, summary)  # the report keeps earlier calls' other rows
         command = "qalora " + " ".join(shlex.quote(a) for a in args.argv)
-        print(tasks_markdown(summary, command, plot=PLOT_FILE if args.docs else None))
-        for path in write_task_docs(summary, args.docs, command) if args.docs else ():
+        if not args.docs:
+            print(tasks_markdown(summary, command))
+            return 0
+        Path(args.docs).mkdir(exist_ok=True)
+        with locked(Path(args.docs) / report_file):  # another call may have added rows meanwhile
+            summary = merge_task_summaries(_earlier_report(args, report_file), summary)
+            print(tasks_markdown(summary, command, plot=PLOT_FILE))
+            paths = write_task_docs(summary, args.docs, command)
+        for path in paths:
             print(f"wrote {path}")
         return 0
     if args.suite == "methods":
@@ -198,11 +211,12 @@ def cmd_reproduce(args) -> int:
         if not args.docs:
             print(methods_table(summary["rows"]))
             return 0
-        summary = merge_summaries(previous, summary)  # the report keeps earlier calls' other rows
-        print(methods_table(summary["rows"]))
         Path(args.docs).mkdir(exist_ok=True)
-        path = Path(args.docs) / "methods.json"
-        write_json(path, summary)
+        path = Path(args.docs) / report_file
+        with locked(path):  # another call may have added rows meanwhile
+            summary = merge_summaries(_earlier_report(args, report_file), summary)
+            write_json(path, summary)
+        print(methods_table(summary["rows"]))
         print(f"wrote {path}")
         return 0
     if args.docs:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -197,3 +198,17 @@ def read_json(path: str | os.PathLike, what: str) -> dict:
     if not isinstance(obj, dict):
         raise QaloraError(f"{what} {str(path)!r} is corrupt (expected a JSON object)")
     return obj
+
+
+@contextmanager
+def locked(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``path`` (a sibling ``.<name>.lock`` file) for the
+    block, so that processes which read, merge and rewrite one report do so one at a time
+    (``fcntl.flock``; released when the block ends or the process dies)."""
+    path = Path(path)
+    with open(path.with_name(f".{path.name}.lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
