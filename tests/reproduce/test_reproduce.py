@@ -338,3 +338,29 @@ def test_tasks_report_grows_over_calls_and_flags_mixed_bases():
     assert merge_task_summaries(None, second) is second
     with pytest.raises(QaloraError, match="budget_settings"):
         merge_task_summaries(first, {**second, "budget_settings": {"steps": 100}})
+
+
+def test_a_call_merges_into_the_report_as_it_stands_when_it_writes(tmp_path, monkeypatch):
+    """Two calls side by side on one --docs folder: the report another call wrote while this one
+    ran is read again (under the lock) when this call writes, so no call's rows are lost."""
+    import qalora.reproduce as rep
+    from qalora.cli import main
+    from qalora.io import write_json
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    write_json(docs / "tasks.json", _tasks_summary(["sst2"], [_task_row("sst2", "base", None, [0, 0, 1, 0])]))
+    meanwhile = _tasks_summary(["sst2"], [_task_row("sst2", "base", None, [0, 0, 1, 0]),
+                                          _task_row("sst2", "qlora+gptq", 3, [0, 1, 1, 0])])
+
+    def fake_reproduce(out, budget, model, **kw):
+        write_json(docs / "tasks.json", meanwhile)  # the other call finishes first
+        return _tasks_summary(["sst2"], [_task_row("sst2", "qalora", 3, [1, 1, 1, 0])])
+
+    monkeypatch.setattr(rep, "reproduce", fake_reproduce)
+    assert main(["reproduce", "--suite", "tasks", "--budget", "small", "--out", str(tmp_path / "w"),
+                 "--docs", str(docs), "--quiet"]) == 0
+    report = json.loads((docs / "tasks.json").read_text())
+    assert [r["id"] for r in report["rows"]] == ["sst2-base", "sst2-qlora+gptq-int3-g32", "sst2-qalora-int3-g32"]
+    assert [c["a"] for c in report["comparisons"]] == ["sst2-qalora-int3-g32"]
+    assert (docs / ".tasks.json.lock").exists() and "sst2-qalora-int3-g32" in (docs / "RESULTS_TASKS.md").read_text()
