@@ -364,3 +364,23 @@ def test_a_call_merges_into_the_report_as_it_stands_when_it_writes(tmp_path, mon
     assert [r["id"] for r in report["rows"]] == ["sst2-base", "sst2-qlora+gptq-int3-g32", "sst2-qalora-int3-g32"]
     assert [c["a"] for c in report["comparisons"]] == ["sst2-qalora-int3-g32"]
     assert (docs / ".tasks.json.lock").exists() and "sst2-qalora-int3-g32" in (docs / "RESULTS_TASKS.md").read_text()
+
+
+def test_tasks_report_states_the_task_choice_and_a_verdict_per_grid():
+    """Kept: LoRA beats the base by >= 10 points beyond two paired SEs; dropped otherwise. One
+    plain sentence per grid groups the exact methods by their verdict against QLoRA w/ GPTQ."""
+    from qalora.reproduce.tasks_report import comparisons, tasks_markdown
+
+    rows = [_task_row("sst2", "base", None, [0, 0, 1, 0]), _task_row("sst2", "lora", None, [1, 1, 1, 1]),
+            _task_row("sst2", "qlora+gptq", 3, [0, 0, 0, 0, 1, 1, 1, 1]),
+            _task_row("sst2", "qalora", 3, [1, 1, 1, 1, 1, 1, 1, 1]),   # +0.5, se 0.19: beat
+            _task_row("sst2", "peqa", 3, [0, 0, 0, 0, 0, 1, 1, 1]),     # -0.125, se 0.125: no clear difference
+            _task_row("sst2", "lota", 3, [0, 0, 0, 0, 0, 0, 0, 0]),     # -0.5: lost
+            _task_row("arithmetic", "base", None, [0, 1, 0, 1]), _task_row("arithmetic", "lora", None, [1, 0, 0, 1])]
+    summary = {**_tasks_summary(["sst2", "arithmetic"], rows), "comparisons": comparisons(rows)}
+    md = tasks_markdown(summary, "qalora reproduce --suite tasks")
+    assert "| sst2 | +75.0 ± 25.0 | kept |" in md and "| arithmetic | +0.0 ± 40.8 | dropped |" in md
+    assert "Not measured in these rows: sciq, csqa, boolq" in md
+    assert ("- **INT3 g32**, against QLoRA w/ GPTQ — qalora: beat it; lota: lost to it; peqa: no clear difference."
+            in md)
+    assert md.index("## Task choice") < md.index("## sst2") < md.index("Verdicts:") < md.index("## arithmetic")

@@ -72,6 +72,48 @@ def _pct(est: dict) -> str:
 
 
 PLOT_FILE = "results_tasks.png"
+# A task is kept when 16-bit LoRA gains at least this much over the untuned base (a fraction of items).
+MIN_TUNING_GAIN = 0.10
+
+
+def task_choice_lines(summary: dict) -> list[str]:
+    """``## Task choice``: per task with a base and a LoRA row, LoRA's paired gain and whether it
+    clears :data:`MIN_TUNING_GAIN` (kept) or not (dropped: no method could show that it keeps a
+    gain); then the suite's other tasks, not measured in these rows."""
+    from qalora.eval.finetune_tasks import FINETUNE_TASKS
+
+    gains = {c["task"]: c for c in summary["comparisons"] if c["kind"] == "tuning gain"}
+    if not gains:
+        return []
+    lines = ["## Task choice", "",
+             f"A task stays in the suite when 16-bit LoRA gains at least {100 * MIN_TUNING_GAIN:.0f} points over the "
+             "untuned base on its held-out items (else tuning teaches too little for any method to show it keeps it).",
+             "", "| task | LoRA − base (paired) | kept |", "|---|---|---|"]
+    for task, c in gains.items():
+        kept = c["diff"] >= MIN_TUNING_GAIN and c["verdict"] == "beat"
+        lines.append(f"| {task} | {100 * c['diff']:+.1f} ± {100 * (c['stderr'] or 0):.1f} | "
+                     f"{'kept' if kept else 'dropped'} |")
+    untried = [t for t in FINETUNE_TASKS if t not in gains]
+    if untried:
+        lines += ["", f"Not measured in these rows: {', '.join(untried)}."]
+    return lines + [""]
+
+
+def verdict_lines(summary: dict, task: str) -> list[str]:
+    """One plain sentence per grid of ``task``: how QA-LoRA and each other exact method fared
+    against QLoRA w/ GPTQ (beat / lost / no clear difference, i.e. within two paired SEs)."""
+    labels = {r["id"]: r["label"] for r in summary["rows"]}
+    by: dict[tuple, dict[str, list[str]]] = {}
+    for c in summary["comparisons"]:
+        if c["task"] == task and c["kind"] == "exact vs requantized":
+            by.setdefault((c["bits"], c["group_size"]), {}).setdefault(c["verdict"], []).append(labels[c["a"]])
+    lines = []
+    for (bits, group), verdicts in sorted(by.items(), reverse=True):
+        parts = [f"{', '.join(names)}: {word}" for word, names in
+                 (("beat it", verdicts.get("beat", [])), ("lost to it", verdicts.get("lost to", [])),
+                  ("no clear difference", verdicts.get("showed no clear difference from", []))) if names]
+        lines.append(f"- **INT{bits} g{group}**, against QLoRA w/ GPTQ — " + "; ".join(parts) + ".")
+    return ["Verdicts:", "", *lines, ""] if lines else []
 
 
 def tasks_markdown(summary: dict, command: str, plot: str | None = None) -> str:
@@ -94,6 +136,7 @@ def tasks_markdown(summary: dict, command: str, plot: str | None = None) -> str:
     for grid, ids in (summary.get("mixed_bases") or {}).items():
         lines += [f"{grid}: the exact rows sit on more than one GPTQ base (GPTQ is not bit-reproducible across "
                   f"machines): {', '.join(ids)}; each still pairs with QLoRA w/ GPTQ, which does not use the base.", ""]
+    lines += task_choice_lines(summary)
     for task in summary["tasks"]:
         mine = [r for r in rows if r["task"] == task]
         if not mine:
@@ -111,6 +154,7 @@ def tasks_markdown(summary: dict, command: str, plot: str | None = None) -> str:
             cells += [_pct(by[(name, b, g)][metric]) if (name, b, g) in by else "-" for b, g in grids]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
+        lines += verdict_lines(summary, task)
         for c in (c for c in summary["comparisons"] if c["task"] == task):
             where = f"INT{c['bits']} g{c['group_size']}: " if c.get("bits") else ""
             lines.append(f"- {where}{c['a']} {c['verdict']} {c['b']}: {100 * c['diff']:+.1f} ± "
