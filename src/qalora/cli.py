@@ -194,6 +194,7 @@ def cmd_reproduce(args) -> int:
         from qalora.reproduce.tasks_report import PLOT_FILE, merge_task_summaries, tasks_markdown, write_task_docs
 
         command = "qalora " + " ".join(shlex.quote(a) for a in args.argv)
+        summary = {**summary, "command": command}  # kept per call under the report's `earlier`
         if not args.docs:
             print(tasks_markdown(summary, command))
             return 0
@@ -211,6 +212,7 @@ def cmd_reproduce(args) -> int:
         if not args.docs:
             print(methods_table(summary["rows"]))
             return 0
+        summary = {**summary, "command": "qalora " + " ".join(shlex.quote(a) for a in args.argv)}
         Path(args.docs).mkdir(exist_ok=True)
         path = Path(args.docs) / report_file
         with locked(path):  # another call may have added rows meanwhile

@@ -364,6 +364,7 @@ def test_a_call_merges_into_the_report_as_it_stands_when_it_writes(tmp_path, mon
     assert [r["id"] for r in report["rows"]] == ["sst2-base", "sst2-qlora+gptq-int3-g32", "sst2-qalora-int3-g32"]
     assert [c["a"] for c in report["comparisons"]] == ["sst2-qalora-int3-g32"]
     assert (docs / ".tasks.json.lock").exists() and "sst2-qalora-int3-g32" in (docs / "RESULTS_TASKS.md").read_text()
+    assert report["earlier"][-1]["command"].startswith("qalora reproduce --suite tasks --budget small")
 
 
 def test_tasks_report_states_the_task_choice_and_a_verdict_per_grid():

@@ -17,14 +17,15 @@ SAME = ("suite", "budget", "source_sha256", "budget_settings")
 
 
 def _call(summary: dict, ids) -> dict:
-    return {"grids": summary.get("grids"), "tasks": summary.get("tasks"), "rows": sorted(ids),
+    return {"command": summary.get("command"), "grids": summary.get("grids"), "tasks": summary.get("tasks"),
+            "rows": sorted(ids),
             "machine": summary.get("machine"), "cached_only": summary.get("cached_only"),
             "seconds_this_call": summary.get("seconds_this_call")}
 
 
 def accumulate(previous: dict | None, summary: dict, order: Callable[[dict], tuple], what: str) -> dict | None:
     """``summary`` with ``previous``'s other rows, sorted by ``order(row)``, and ``earlier``
-    (a list of calls: grids, tasks, row ids, machine, seconds); ``None`` when there is nothing
+    (a list of calls: command, grids, tasks, row ids, machine, seconds); ``None`` when there is nothing
     to merge (no previous report, or none of its rows is kept). ``what`` names the report in the
     error (e.g. ``"methods.json"``)."""
     if not previous:

@@ -119,8 +119,10 @@ def verdict_lines(summary: dict, task: str) -> list[str]:
 def tasks_markdown(summary: dict, command: str, plot: str | None = None) -> str:
     """``RESULTS_TASKS.md``: per task a table of held-out accuracy and the paired verdicts;
     ``plot``: the file name of the plot beside it (:mod:`qalora.reproduce.tasks_plot`), shown first."""
+    calls = summary.get("earlier") or []
+    which = " of the last call" if calls else ""
     rows, lines = summary["rows"], ["# Task-specific tuning: held-out accuracy, paired comparisons", "",
-                                    f"Command: `{command}`", ""]
+                                    f"Command{which}: `{command}`", ""]
     m = summary["machine"]
     train = sum(r.get("train_seconds") or 0.0 for r in rows)
     score = sum(r.get("eval_seconds") or 0.0 for r in rows)
@@ -132,7 +134,7 @@ def tasks_markdown(summary: dict, command: str, plot: str | None = None) -> str:
     if plot:
         lines += [f"![held-out accuracy vs bits per method]({plot})", ""]
     if summary.get("earlier"):
-        lines += [f"The rows come from {len(summary['earlier'])} calls (listed under `earlier` in the JSON).", ""]
+        lines += [f"The rows come from {len(summary['earlier'])} calls (listed under `earlier` in the JSON, with the command of each call that recorded it).", ""]
     for grid, ids in (summary.get("mixed_bases") or {}).items():
         lines += [f"{grid}: the exact rows sit on more than one GPTQ base (GPTQ is not bit-reproducible across "
                   f"machines): {', '.join(ids)}; each still pairs with QLoRA w/ GPTQ, which does not use the base.", ""]
