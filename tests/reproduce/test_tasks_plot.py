@@ -36,3 +36,25 @@ def test_markdown_shows_the_plot_only_when_written():
     s = _summary()
     assert "![held-out accuracy vs bits per method](results_tasks.png)" in tasks_markdown(s, "c", plot="results_tasks.png")
     assert "![" not in tasks_markdown(s, "c")
+
+
+def test_one_legend_names_every_row_of_every_panel_with_one_colour_each():
+    """The legend sits by the last panel but names the rows of all panels (the last task may have
+    only its 16-bit rows so far); a row keeps its colour across panels; panels share the x range."""
+    import matplotlib.pyplot as plt
+
+    from qalora.reproduce.tasks_plot import draw_tasks
+
+    s = _summary()
+    s["rows"] = [r for r in s["rows"] if r["task"] == "sst2"] + [_row("base", value=0.3, task="arithmetic"),
+                                                                 _row("qalora", 3, 32, 0.4, task="arithmetic")]
+    fig = draw_tasks(s)
+    try:
+        sst2, arith = fig.axes[:2]
+        texts = [t.get_text() for t in arith.get_legend().get_texts()]
+        assert texts == ["base (16-bit, untuned)", "LoRA (16-bit)", "QLoRA w/ GPTQ (lossy)", "QA-LoRA"]
+        colour = {ax: {c.get_label(): c.lines[0].get_color() for c in ax.containers} for ax in (sst2, arith)}
+        assert colour[sst2]["QA-LoRA"] == colour[arith]["QA-LoRA"] != colour[sst2]["QLoRA w/ GPTQ (lossy)"]
+        assert sst2.get_xlim() == arith.get_xlim() == (1.7, 4.3)
+    finally:
+        plt.close(fig)

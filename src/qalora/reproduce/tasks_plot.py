@@ -14,9 +14,11 @@ from pathlib import Path
 from qalora.io import atomic_file
 from qalora.reproduce.tasks import TASK_ROWS
 
-STYLES = {"gptq": "x-.", "qlora+rtn": "^:", "qlora+gptq": "s--", "qalora": "o-", "qalora+scales": "D-", "peqa": "v-",
-          "lota": "P-", "lota+qalora": "X-"}
-FLAT = {"base": "k", "lora": "tab:green", "qlora": "tab:purple"}
+# (marker and line, colour) per quantized row: the same in every panel.
+STYLES = {"gptq": ("x-.", "tab:gray"), "qlora+rtn": ("^:", "tab:orange"), "qlora+gptq": ("s--", "tab:olive"),
+          "qalora": ("o-", "tab:red"), "qalora+scales": ("D-", "tab:purple"), "peqa": ("v-", "tab:brown"),
+          "lota": ("P-", "tab:pink"), "lota+qalora": ("X-", "tab:blue")}
+FLAT = {"base": "k", "lora": "tab:green", "qlora": "tab:cyan"}
 
 
 def plot_points(rows: list[dict], task: str, name: str) -> list[tuple[int, float, float]]:
@@ -29,8 +31,10 @@ def plot_points(rows: list[dict], task: str, name: str) -> list[tuple[int, float
     return sorted(out)
 
 
-def plot_tasks(summary: dict, path: str | os.PathLike) -> None:
-    """Write the plot of ``summary`` (a tasks report: ``tasks``, ``rows``) to ``path`` atomically."""
+def draw_tasks(summary: dict):
+    """The figure of ``summary`` (a tasks report: ``tasks``, ``rows``): one panel per task on one x
+    axis (every grid of the report), one colour and marker per row throughout, and one legend
+    beside the panels naming every row drawn in any of them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -40,23 +44,37 @@ def plot_tasks(summary: dict, path: str | os.PathLike) -> None:
     labels = {r.name: r.label for r in TASK_ROWS}
     grids = sorted({(r["bits"], r["group_size"]) for r in rows if r.get("bits")})
     fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(5.5 * max(1, len(tasks)), 4.4), squeeze=False)
+    legend: dict = {}
     for ax, task in zip(axes[0], tasks):
-        for name, style in STYLES.items():
+        for name, (style, colour) in STYLES.items():
             pts = plot_points(rows, task, name)
             if pts:
                 ax.errorbar([b for b, _, _ in pts], [v for _, v, _ in pts], yerr=[e for _, _, e in pts],
-                            fmt=style, capsize=3, label=labels[name])
+                            fmt=style, color=colour, capsize=3, label=labels[name])
         for r in rows:
             if r["task"] == task and r["row"] in FLAT:
                 ax.axhline(100 * r[r["reported"]]["value"], color=FLAT[r["row"]], lw=0.8, ls="--",
                            label=labels[r["row"]])
-        ax.set_xticks([b for b, _ in grids], [f"INT{b} g{g}" for b, g in grids])
+        if grids:
+            ax.set_xticks([b for b, _ in grids], [f"INT{b} g{g}" for b, g in grids])
+            ax.set_xlim(grids[0][0] - 0.3, grids[-1][0] + 0.3)
         reported = next(r["reported"] for r in rows if r["task"] == task)
         ax.set_ylabel(f"held-out {reported}, %")
         ax.set_title(task)
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the panels, not over them
+        legend.update({label: h for h, label in zip(*ax.get_legend_handles_labels()) if label not in legend})
+    order = [labels[n] for n in (*FLAT, *STYLES) if labels[n] in legend]
+    axes[0][-1].legend([legend[k] for k in order], order, fontsize=7, loc="upper left",
+                       bbox_to_anchor=(1.01, 1.0))  # beside the panels, not over them
     fig.tight_layout()
+    return fig
+
+
+def plot_tasks(summary: dict, path: str | os.PathLike) -> None:
+    """Write :func:`draw_tasks` of ``summary`` to ``path`` (PNG) atomically."""
+    import matplotlib.pyplot as plt
+
+    fig = draw_tasks(summary)
     try:
         with atomic_file(Path(path)) as tmp:
             fig.savefig(str(tmp), format="png", dpi=120, bbox_inches="tight")
