@@ -327,14 +327,18 @@ def test_tasks_report_grows_over_calls_and_flags_mixed_bases():
     pairs = {(c["a"], c["b"]): c["diff"] for c in merged["comparisons"]}
     assert pairs == {("sst2-lora", "sst2-base"): 0.75, ("sst2-qalora-int3-g32", "sst2-qlora+gptq-int3-g32"): 0.25,
                      ("sst2-peqa-int3-g32", "sst2-qlora+gptq-int3-g32"): 0.25}
-    assert merged["mixed_bases"] == {"int3-g32": ["sst2-peqa-int3-g32", "sst2-qalora-int3-g32"]}
+    assert merged["mixed_bases"] == {"sst2 int3-g32": ["sst2-peqa-int3-g32", "sst2-qalora-int3-g32"]}
     assert [e["rows"] for e in merged["earlier"]] == [sorted(r["id"] for r in first["rows"]),
                                                       sorted(r["id"] for r in second["rows"])]
     md = tasks_markdown(merged, "qalora reproduce --suite tasks")
     assert "from 2 calls" in md and "more than one GPTQ base" in md and "## arithmetic" in md
+    assert "GPTQ base (SHA-256 of its checkpoint): INT3 g32 `bbbbbbbbbbbb…`" in md
     redo = merge_task_summaries(merged, _tasks_summary(["sst2"], [_task_row("sst2", "qalora", 3, [0, 0, 0, 0], "b" * 64)]))
     assert next(r for r in redo["rows"] if r["id"] == "sst2-qalora-int3-g32")["acc"]["value"] == 0.0
     assert redo["mixed_bases"] == {} and len(redo["rows"]) == 6
+    other_task = merge_task_summaries(redo, _tasks_summary(["arithmetic"], [_task_row("arithmetic", "qalora", 3, [1, 0],
+                                                                                      "c" * 64)]))
+    assert other_task["mixed_bases"] == {}   # another task's rows on another base: nothing is compared across them
     assert merge_task_summaries(None, second) is second
     with pytest.raises(QaloraError, match="budget_settings"):
         merge_task_summaries(first, {**second, "budget_settings": {"steps": 100}})

@@ -36,15 +36,17 @@ def comparisons(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _exact_grid(r: dict) -> str | None:
-    """The grid of a row built on the grid's GPTQ base (the untuned base, exact methods), else ``None``."""
-    return row_grid(r) if r["row"] in EXACT or r["row"] == "gptq" else None
+def _exact_task_grid(r: dict) -> str | None:
+    """``"<task> <grid>"`` of a row built on the grid's GPTQ base (the untuned base, exact methods),
+    else ``None``. Per task, as comparisons are: rows of two tasks on two bases compare nothing
+    across them (each task's exact rows pair with its own QLoRA w/ GPTQ)."""
+    return f"{r['task']} {row_grid(r)}" if r["row"] in EXACT or r["row"] == "gptq" else None
 
 
 def merge_task_summaries(previous: dict | None, summary: dict) -> dict:
     """``summary`` with the rows of ``previous`` (an earlier ``tasks.json``) that this call did
     not produce, ordered by task (earlier tasks first), row and grid; its tasks, grids and
-    comparisons are those of all the rows, and ``mixed_bases`` lists the grids whose exact rows
+    comparisons are those of all the rows, and ``mixed_bases`` lists the (task, grid)s whose exact rows
     sit on different GPTQ bases."""
     tasks = list(dict.fromkeys([*(previous or {}).get("tasks", []), *summary["tasks"]]))
     names = [r.name for r in TASK_ROWS]
@@ -62,7 +64,7 @@ def merge_task_summaries(previous: dict | None, summary: dict) -> dict:
     have = {row_grid(r) for r in rows if r.get("bits")}
     return {**merged, "tasks": [t for t in tasks if any(r["task"] == t for r in rows)],
             "grids": [g for g in grids if g in have], "comparisons": comparisons(rows),
-            "mixed_bases": accumulate.mixed_bases(rows, _exact_grid)}
+            "mixed_bases": accumulate.mixed_bases(rows, _exact_task_grid)}
 
 
 def _pct(est: dict) -> str:
@@ -156,6 +158,10 @@ def tasks_markdown(summary: dict, command: str, plot: str | None = None) -> str:
             cells += [_pct(by[(name, b, g)][metric]) if (name, b, g) in by else "-" for b, g in grids]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
+        bases = {f"INT{r['bits']} g{r['group_size']}": r["base_sha256"][:12] for r in mine if r.get("base_sha256")}
+        if bases:
+            lines += ["The exact rows' GPTQ base (SHA-256 of its checkpoint): "
+                      + ", ".join(f"{g} `{sha}…`" for g, sha in bases.items()) + ".", ""]
         lines += verdict_lines(summary, task)
         for c in (c for c in summary["comparisons"] if c["task"] == task):
             where = f"INT{c['bits']} g{c['group_size']}: " if c.get("bits") else ""
