@@ -227,31 +227,47 @@ def check_methods_measured(md: str) -> None:
             check(params, r3["trainable_parameters"], f"methods {label} trainable", scale=1e-6)
 
 
-def check_tasks_measured(md: str) -> None:
-    """The SST-2 INT3 g32 table: each row's held-out accuracy ± its standard error (%) and its paired
-    difference from QLoRA w/ GPTQ ± standard error with the verdict, as ``docs/tasks.json`` holds them."""
-    line, head, rows = table_at(md, "| row | SST-2 held-out acc |")
-    named_beside(md, line, "docs/tasks.json", before=20)
+def _grid_of(head: str) -> tuple:
+    """``"INT3 g32"`` -> ``(3, 32)``, ``"16-bit"`` -> ``(None, None)``."""
+    if head == "16-bit":
+        return (None, None)
+    bits, group = head.split()
+    return (int(bits.removeprefix("INT")), int(group.removeprefix("g")))
+
+
+def check_task_table(md: str, header: str, task: str) -> None:
+    """A task's table: per row and width the held-out accuracy ± its standard error (%), and for
+    the exact rows their paired difference from QLoRA w/ GPTQ ± standard error with the verdict,
+    as ``docs/tasks.json`` holds them; "-" only where the JSON has no such row."""
+    line, head, rows = table_at(md, header)
+    named_beside(md, line, "docs/tasks.json", before=40)
     js = load("docs/tasks.json")
-    by = {r["label"]: r for r in js["rows"] if r["task"] == "sst2" and (r["bits"], r["group_size"]) == (3, 32)}
+    by = {(r["label"], r["bits"], r["group_size"]): r for r in js["rows"] if r["task"] == task}
     pairs = {(c["a"], c["b"]): c for c in js["comparisons"]}
-    assert len(rows) >= 6, "the SST-2 table lost rows"
-    for label, acc, vs in rows:
-        r = by.get(label)
-        assert r is not None, f"tasks: no sst2 INT3 g32 row labelled {label!r} in docs/tasks.json"
-        value, se = acc.split(" ± ")
-        check(value, r["acc"]["value"], f"tasks {label} acc", scale=100)
-        check(se, r["acc"]["stderr"], f"tasks {label} stderr", scale=100)
-        if r["row"] == "qlora+gptq":
-            assert vs == "-", vs
-            continue
-        c = pairs[(r["id"], "sst2-qlora+gptq-int3-g32")]
-        diff, rest = vs.replace("−", "-").split(" ± ")
-        se_text, word = rest.split(", ")
-        check(diff, c["diff"], f"tasks {label} paired difference", scale=100)
-        check(se_text, c["stderr"], f"tasks {label} paired stderr", scale=100)
-        expected = {"beat": "beat", "lost to": "lost"}.get(c["verdict"], "no clear difference")
-        assert word == expected, f"tasks {label}: README says {word!r}, the JSON's verdict is {c['verdict']!r}"
+    grids = [_grid_of(h) for h in head[1:]]
+    assert len(rows) >= 6, f"the {task} table lost rows"
+    for label, *cells in rows:
+        for (bits, group), cell in zip(grids, cells):
+            r = by.get((label, bits, group))
+            if cell == "-":
+                assert r is None, f"tasks: the README leaves {label!r} INT{bits} g{group} of {task} empty"
+                continue
+            assert r is not None, f"tasks: no {task} row {label!r} at INT{bits} g{group} in docs/tasks.json"
+            acc, _, vs = cell.partition(" (")
+            value, se = acc.split(" ± ")
+            check(value, r["acc"]["value"], f"tasks {task} {label} acc", scale=100)
+            check(se, r["acc"]["stderr"], f"tasks {task} {label} stderr", scale=100)
+            c = pairs.get((r["id"], f"{task}-qlora+gptq-int{bits}-g{group}"))
+            if c is None:
+                assert not vs, f"tasks {task} {label}: the README prints a comparison the JSON lacks"
+                continue
+            assert vs, f"tasks {task} {label} INT{bits} g{group}: the paired comparison is missing"
+            diff, rest = vs.rstrip(")").replace("−", "-").split(" ± ")
+            se_text, word = rest.split(", ")
+            check(diff, c["diff"], f"tasks {task} {label} paired difference", scale=100)
+            check(se_text, c["stderr"], f"tasks {task} {label} paired stderr", scale=100)
+            expected = {"beat": "beat", "lost to": "lost"}.get(c["verdict"], "n.s.")
+            assert word == expected, f"tasks {task} {label}: README says {word!r}, the JSON's verdict is {c['verdict']!r}"
 
 
 # the "what each trains" table's method cell -> docs/methods.json's label
@@ -300,7 +316,8 @@ CHECKS = {
     "| method | INT": check_methods_measured,
     "| method | trains (per layer": check_methods_trainable,
     "| format | runtime | widths, groups |": check_export_sizes,
-    "| row | SST-2 held-out acc |": check_tasks_measured,
+    "| SST-2 row |": lambda md: check_task_table(md, "| SST-2 row |", "sst2"),
+    "| arithmetic row |": lambda md: check_task_table(md, "| arithmetic row |", "arithmetic"),
 }
 # tables no committed JSON backs: the README must say so beside them
 UNCHECKED = {"| task | n | acc | acc_norm | wall |": "qalora eval / lm-eval figures of 2026-11-24"}
