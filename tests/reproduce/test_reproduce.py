@@ -389,3 +389,20 @@ def test_tasks_report_states_the_task_choice_and_a_verdict_per_grid():
     assert ("- **INT3 g32**, against QLoRA w/ GPTQ — qalora: beat it; lota: lost to it; peqa: no clear difference."
             in md)
     assert md.index("## Task choice") < md.index("## sst2") < md.index("Verdicts:") < md.index("## arithmetic")
+
+
+def test_training_time_counts_each_adapter_once():
+    """QLoRA's adapter serves the QLoRA row and both re-quantized rows of its task: its seconds
+    count once; exact rows at two grids, and the same method on two tasks, count apiece."""
+    from qalora.reproduce.tasks_report import training_seconds
+
+    def r(task, row, method, bits, secs):
+        return {"task": task, "row": row, "method": method, "bits": bits, "group_size": 32 if bits else None,
+                "train_seconds": secs}
+
+    rows = [r("sst2", "qlora", "qlora", None, 100.0), r("sst2", "qlora+rtn", "qlora", 3, 100.0),
+            r("sst2", "qlora+gptq", "qlora", 2, 100.0), r("sst2", "qalora", "qalora", 3, 10.0),
+            r("sst2", "qalora", "qalora", 2, 20.0), r("sst2", "qalora+scales", "qalora", 2, 30.0),
+            r("arithmetic", "qlora", "qlora", None, 50.0), {"task": "sst2", "row": "base", "method": None,
+                                                            "bits": None, "group_size": None}]
+    assert training_seconds(rows) == 100.0 + 10.0 + 20.0 + 30.0 + 50.0

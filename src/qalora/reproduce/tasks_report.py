@@ -67,6 +67,18 @@ def merge_task_summaries(previous: dict | None, summary: dict) -> dict:
             "mixed_bases": accumulate.mixed_bases(rows, _exact_task_grid)}
 
 
+def training_seconds(rows: list[dict]) -> float:
+    """Seconds of training behind ``rows``, each adapter counted once: the 16-bit QLoRA adapter
+    serves the QLoRA row and every re-quantized row of its task (one ``train_seconds`` copied
+    into each); an exact row's adapter is its own (one per task and grid)."""
+    seen: dict[tuple, float] = {}
+    for r in rows:
+        if r.get("train_seconds") is not None:
+            grid = (r["bits"], r["group_size"]) if r["row"] in EXACT else None
+            seen.setdefault((r["task"], r["method"], grid, r["row"] if grid else None), r["train_seconds"])
+    return sum(seen.values())
+
+
 def _pct(est: dict) -> str:
     if est.get("stderr") is None:
         return f"{100 * est['value']:.1f}"
@@ -126,7 +138,7 @@ def tasks_markdown(summary: dict, command: str, plot: str | None = None) -> str:
     rows, lines = summary["rows"], ["# Task-specific tuning: held-out accuracy, paired comparisons", "",
                                     f"Command{which}: `{command}`", ""]
     m = summary["machine"]
-    train = sum(r.get("train_seconds") or 0.0 for r in rows)
+    train = training_seconds(rows)
     score = sum(r.get("eval_seconds") or 0.0 for r in rows)
     unrecorded = sum(1 for r in rows if r.get("method") and "train_seconds" not in r)
     missing = f" + {unrecorded} tuned rows that did not record it" if unrecorded else ""
