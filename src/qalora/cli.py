@@ -164,6 +164,21 @@ def _earlier_report(args, report_file: str | None) -> dict | None:
     return previous
 
 
+def _paper_report(args) -> dict | None:
+    """``docs/results.json`` (the full paper report re-run rows are set beside), if there is one;
+    refused when it is unreadable or of another budget."""
+    from qalora.io import read_json
+
+    path = Path(args.docs) / "results.json"
+    if not path.is_file():
+        return None
+    previous = read_json(path, "paper report")
+    if previous.get("budget") != args.budget:
+        raise QaloraError(f"{str(path)!r} reports budget {previous.get('budget')!r}; re-run its rows at that budget "
+                          f"or write into another --docs folder")
+    return previous
+
+
 def cmd_reproduce(args) -> int:
     import shlex
 
@@ -187,9 +202,28 @@ def cmd_reproduce(args) -> int:
         raise QaloraError(f"--docs {args.docs!r}: its parent folder does not exist")
     report_file = {"methods": "methods.json", "tasks": "tasks.json"}.get(args.suite)
     _earlier_report(args, report_file)  # readable and of this suite before any work
+    if args.paper_rows and args.notes:
+        raise QaloraError("--notes applies to a whole paper report, not to --paper-rows")
+    previous = None
+    if args.paper_rows and args.docs:
+        from qalora.reproduce.run import _check_paper_rows
+
+        _check_paper_rows(args.suite, args.paper_rows)
+        previous = _paper_report(args)  # readable, and of this budget, before any work
     summary = reproduce(args.out, args.budget, args.model, suite=args.suite, grids=grids, cached_only=args.cached_only,
                         tasks=args.tasks, task_rows=args.task_rows, method_rows=args.method_rows,
-                        progress=not args.quiet)
+                        paper_rows=args.paper_rows, progress=not args.quiet)
+    if args.paper_rows:
+        from qalora.reproduce.rerun import rerun_file, rerun_markdown, rerun_report
+
+        command = "qalora " + " ".join(shlex.quote(a) for a in args.argv)
+        report = rerun_report(summary, previous, command, args.paper_rows)
+        print(rerun_markdown(report))
+        if args.docs:
+            path = Path(args.docs) / rerun_file(args.paper_rows)
+            write_json(path, report)
+            print(f"wrote {path}")
+        return 0
     if args.suite == "tasks":
         from qalora.reproduce.tasks_report import PLOT_FILE, merge_task_summaries, tasks_markdown, write_task_docs
 
@@ -308,6 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--method-rows", nargs="+", default=None,
                    help="--suite methods: only these rows (gptq qalora qalora+scales peqa lota lota+qalora qlora+gptq "
                         "lota-omega32 lota-r8; default all)")
+    r.add_argument("--paper-rows", nargs="+", default=None,
+                   help="--suite paper: rebuild only the rows of these methods (base lora qlora rtn gptq qlora+rtn "
+                        "qlora+gptq qalora); with --docs they are set beside docs/results.json's rows in "
+                        "results-rerun-<methods>.json, which stays as it is")
     r.add_argument("--cached-only", action="store_true",
                    help="--suite methods: report the rows already computed in --out, build nothing")
     r.add_argument("--out", default="qalora-reproduce", help="work folder (bases, adapters, models, row results)")

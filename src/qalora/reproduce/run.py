@@ -260,7 +260,8 @@ def _n_params(model: torch.nn.Module) -> int:
 def _train_facts(acfg: dict) -> dict:
     return {"trainable_parameters": acfg["trainable_parameters"], "train_steps": acfg["steps"],
             "train_seconds": round(acfg["seconds_per_step"] * acfg["steps"], 1),
-            "val_loss_start": acfg.get("val_loss_start"), "val_loss_end": acfg.get("val_loss_end")}
+            "val_loss_start": acfg.get("val_loss_start"), "val_loss_end": acfg.get("val_loss_end"),
+            "compute": acfg.get("compute")}
 
 
 def _merge_facts(report: dict) -> dict:
@@ -283,7 +284,7 @@ SUITES = ("paper", "methods", "tasks")
 def reproduce(out: str | os.PathLike = "qalora-reproduce", budget: str = "small", model: str = "default", *,
               rows: list[Row] | None = None, suite: str = "paper", grids: list[tuple[int, int]] | None = None,
               cached_only: bool = False, tasks: list[str] | None = None, task_rows: list[str] | None = None,
-              method_rows: list[str] | None = None,
+              method_rows: list[str] | None = None, paper_rows: list[str] | None = None,
               limit: int | None = None, progress: bool = True) -> dict:
     """Run (or resume) every row of ``suite`` under ``out``; returns and writes
     ``out/results.json`` (paper: :mod:`qalora.reproduce.plan`) or ``out/methods.json``
@@ -291,11 +292,14 @@ def reproduce(out: str | os.PathLike = "qalora-reproduce", budget: str = "small"
     all three; ``cached_only``: report the rows already computed, build nothing) or
     ``out/tasks.json`` (tasks: :mod:`qalora.reproduce.tasks`; ``tasks``: which tuning tasks,
     ``task_rows``: which of its rows, ``limit``: first N items of each task, for smoke runs).
+    ``paper_rows``: only the paper rows of these methods (e.g. ``["qalora"]``), reported in
+    ``out/results-<methods>.json`` (:mod:`qalora.reproduce.rerun` sets them beside a full report).
     The suites can share one ``out``."""
     if suite not in SUITES:
         raise QaloraError(f"suite {suite!r} is unknown; use one of: {', '.join(SUITES)}")
     b = get_budget(budget)
     grids = _check_suite_args(suite, grids, tasks, task_rows, method_rows)  # before anything is written
+    _check_paper_rows(suite, paper_rows)
     root = work_dir(out)
     ws = Workspace(root, model, b, progress)
     plan = {"budget": b.name, "model": str(model), "source_sha256": ws.source_sha256,
@@ -327,6 +331,8 @@ def reproduce(out: str | os.PathLike = "qalora-reproduce", budget: str = "small"
     if suite == "tasks":
         return _tasks_suite(ws, plan, b.name, tasks, task_rows, grids, limit, progress)
     rows = rows if rows is not None else plan_rows()
+    if paper_rows is not None:
+        rows = [r for r in rows if r.method in paper_rows]
     t0 = time.time()
     done = []
     for i, row in enumerate(rows, 1):
@@ -335,8 +341,24 @@ def reproduce(out: str | os.PathLike = "qalora-reproduce", budget: str = "small"
     summary = {**plan, "machine": machine(), "rows": done,
                "seconds_this_call": round(time.time() - t0, 1),
                "seconds_total": timing(done)["total"]}
-    write_json(root / "results.json", summary)
+    if paper_rows is None:
+        write_json(root / "results.json", summary)
+    else:
+        write_json(root / ("results-" + "-".join(m.replace("+", "_") for m in paper_rows) + ".json"), summary)
     return summary
+
+
+PAPER_METHODS = ("base", "lora", "qlora", "rtn", "gptq", "qlora+rtn", "qlora+gptq", "qalora")
+
+
+def _check_paper_rows(suite: str, paper_rows) -> None:
+    if paper_rows is None:
+        return
+    if suite != "paper":
+        raise QaloraError("--paper-rows applies to --suite paper only")
+    bad = [m for m in paper_rows if m not in PAPER_METHODS]
+    if bad or not paper_rows:
+        raise QaloraError(f"paper row {bad[0] if bad else ''!r} is unknown; use: {', '.join(PAPER_METHODS)}")
 
 
 DEFAULT_TASKS = ("sst2", "arithmetic")
