@@ -307,6 +307,22 @@ def check_export_sizes(md: str) -> None:
             check(r[-1], rec["bits_per_parameter"], f"export {r[0]} bits per parameter")
 
 
+RERUN_JSON = "docs/results-rerun-qalora.json"
+
+
+def check_rerun_table(md: str) -> None:
+    """The paper rows re-run on the fp32 path: the README's table is exactly what
+    ``qalora.reproduce.rerun.rerun_markdown`` prints from their JSON."""
+    from qalora.reproduce.rerun import rerun_markdown
+
+    line, _, _ = table_at(md, "| row | compute (before → after) |")
+    named_beside(md, line, RERUN_JSON)
+    expected = [x for x in rerun_markdown(load(RERUN_JSON)).splitlines() if x.startswith("|")]
+    lines = md.splitlines()
+    assert lines[line:line + len(expected)] == expected, f"the re-run table is not what rerun_markdown prints from {RERUN_JSON}"
+    assert not lines[line + len(expected)].startswith("|"), "the re-run table has rows its JSON lacks"
+
+
 CHECKS = {
     "| model | method | perplexity |": check_quantize_ppl,
     "| weight (out×in) | rows M |": check_kernels,
@@ -318,6 +334,7 @@ CHECKS = {
     "| format | runtime | widths, groups |": check_export_sizes,
     "| SST-2 row |": lambda md: check_task_table(md, "| SST-2 row |", "sst2"),
     "| arithmetic row |": lambda md: check_task_table(md, "| arithmetic row |", "arithmetic"),
+    "| row | compute (before → after) |": check_rerun_table,
 }
 # tables no committed JSON backs: the README must say so beside them
 UNCHECKED = {"| task | n | acc | acc_norm | wall |": "qalora eval / lm-eval figures of 2026-11-24"}

@@ -36,7 +36,8 @@ def _results(flip: int, per_item: bool = True) -> dict:
 
 def _row(flip, loss, per_item=True, compute=None):
     return {"id": "qalora-int3-g32", "label": "QA-LoRA (merged) INT3 g32", "method": "qalora", "bits": 3,
-            "group_size": 32, "results": _results(flip, per_item), "heldout_loss": loss, "compute": compute}
+            "group_size": 32, "results": _results(flip, per_item), "heldout_loss": loss, "compute": compute,
+            "val_loss_start": 2.4 + flip / 1000}
 
 
 def test_changes_are_paired_when_both_rows_kept_their_items_else_unpaired():
@@ -55,7 +56,8 @@ def test_changes_are_paired_when_both_rows_kept_their_items_else_unpaired():
     assert not u["paired"] and u["diff"] == pytest.approx(cs) and u["stderr"] == pytest.approx(math.sqrt(2) * 0.03)
     report = rerun_report({"rows": [after]}, {"rows": [old], "machine": {"cpus": 2}}, "qalora reproduce ...", ["qalora"])
     md = rerun_markdown(report)
-    assert "| QA-LoRA (merged) INT3 g32 | not recorded → fp32 / reference | 2.300 → 2.250 (-0.050) | 50.0 → 56.0 |" in md
+    assert ("| QA-LoRA (merged) INT3 g32 | not recorded → fp32 / reference | 2.4000 → 2.4060 | 2.300 → 2.250 (-0.050) "
+            "| 50.0 → 56.0 |") in md
     assert "unpaired (sqrt(se_a² + se_b²)) where the earlier row kept none" in md and "paired over" not in md
     assert changes([after], None) == [{"id": after["id"], "label": after["label"], "compute": after["compute"]}]
     assert rerun_file(["qalora", "qlora+gptq"]) == "results-rerun-qalora-qlora_gptq.json"

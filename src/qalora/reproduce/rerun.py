@@ -5,6 +5,9 @@
 rows, and for each the row of the same id in ``docs/results.json`` (``before``), compared on
 the metrics the table reports::
 
+    step-0 validation loss   the row's base before tuning, each on its own compute path: a
+                             change beyond the path's own (bf16 vs fp32: ~1e-3 at INT3) says the
+                             base changed (GPTQ differs between machines and thread counts)
     held-out loss, ppl       after − before (single runs: no standard error)
     commonsense average,     after − before ± se, paired over the shared items when both rows
     MMLU 0-shot / 5-shot     kept per-item results (report.paired_compare), else unpaired
@@ -57,6 +60,7 @@ def changes(rows: list[dict], previous: dict | None) -> list[dict]:
         old = before.get(r["id"])
         if old is not None:
             rec["compute_before"] = old.get("compute")
+            rec["val_loss_start"] = _loss_change(r, old, "val_loss_start")
             rec["heldout_loss"] = _loss_change(r, old, "heldout_loss")
             pa, pb = _ppl(r), _ppl(old)
             rec["ppl"] = None if pa is None or pb is None else {"before": pb, "after": pa, "diff": pa - pb}
@@ -76,17 +80,18 @@ def rerun_markdown(report: dict) -> str:
     with the difference) and a line on how each difference was computed."""
     rows = {r["id"]: r for r in report["rows"]}
     before = {r["id"]: r for r in report.get("before", [])}
-    head = ["row", "compute (before → after)", "held-out loss", "ppl", *(name for _, name in METRICS)]
+    head = ["row", "compute (before → after)", "step-0 val loss", "held-out loss", "ppl", *(name for _, name in METRICS)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     paired_any = unpaired_any = False
     for ch in report["changes"]:
         r, old = rows[ch["id"]], before.get(ch["id"])
         if old is None:
-            lines.append(f"| {ch['label']} | {_path(ch['compute'])} | {r['heldout_loss']:.3f} (new) | - |"
+            lines.append(f"| {ch['label']} | {_path(ch['compute'])} | - | {r['heldout_loss']:.3f} (new) | - |"
                          + " - |" * len(METRICS))
             continue
-        hl, pp = ch["heldout_loss"], ch["ppl"]
+        v0, hl, pp = ch.get("val_loss_start"), ch["heldout_loss"], ch["ppl"]
         cells = [ch["label"], f"{_path(ch.get('compute_before'))} → {_path(ch['compute'])}",
+                 "-" if v0 is None else f"{v0['before']:.4f} → {v0['after']:.4f}",
                  "-" if hl is None else f"{hl['before']:.3f} → {hl['after']:.3f} ({hl['diff']:+.3f})",
                  "-" if pp is None else f"{pp['before']:.1f} → {pp['after']:.1f}"]
         for key, _ in METRICS:
