@@ -164,21 +164,6 @@ def _earlier_report(args, report_file: str | None) -> dict | None:
     return previous
 
 
-def _paper_report(args) -> dict | None:
-    """``docs/results.json`` (the full paper report re-run rows are set beside), if there is one;
-    refused when it is unreadable or of another budget."""
-    from qalora.io import read_json
-
-    path = Path(args.docs) / "results.json"
-    if not path.is_file():
-        return None
-    previous = read_json(path, "paper report")
-    if previous.get("budget") != args.budget:
-        raise QaloraError(f"{str(path)!r} reports budget {previous.get('budget')!r}; re-run its rows at that budget "
-                          f"or write into another --docs folder")
-    return previous
-
-
 def cmd_reproduce(args) -> int:
     import shlex
 
@@ -206,10 +191,11 @@ def cmd_reproduce(args) -> int:
         raise QaloraError("--notes applies to a whole paper report, not to --paper-rows")
     previous = None
     if args.paper_rows and args.docs:
-        from qalora.reproduce.run import _check_paper_rows
+        from qalora.reproduce.plan import check_paper_rows
+        from qalora.reproduce.rerun import read_paper_report
 
-        _check_paper_rows(args.suite, args.paper_rows)
-        previous = _paper_report(args)  # readable, and of this budget, before any work
+        check_paper_rows(args.suite, args.paper_rows)
+        previous = read_paper_report(args.docs, args.budget)  # readable, and of this budget, before any work
     summary = reproduce(args.out, args.budget, args.model, suite=args.suite, grids=grids, cached_only=args.cached_only,
                         tasks=args.tasks, task_rows=args.task_rows, method_rows=args.method_rows,
                         paper_rows=args.paper_rows, progress=not args.quiet)

@@ -105,3 +105,15 @@ def plan_rows(bits: tuple[int, ...] = (4, 3, 2), group_size: int = 32, extra_gro
     for method in ("rtn", "gptq", "qlora+rtn", "qlora+gptq", "qalora"):
         rows += [Row(method, b, g) for b, g in sizes if not (method in ("rtn", "qlora+rtn") and g != group_size)]
     return rows
+
+
+def check_paper_rows(suite: str, paper_rows: list[str] | None) -> None:
+    """Refuse (one line) ``paper_rows`` for another suite, or a method no paper row has."""
+    if paper_rows is None:
+        return
+    if suite != "paper":
+        raise QaloraError("--paper-rows applies to --suite paper only")
+    methods = list(dict.fromkeys(r.method for r in plan_rows()))
+    bad = [m for m in paper_rows if m not in methods]
+    if bad or not paper_rows:
+        raise QaloraError(f"paper row {bad[0] if bad else ''!r} is unknown; use: {', '.join(methods)}")

@@ -118,6 +118,17 @@ def paired_compare(a: dict, b: dict, key: str) -> tuple[float, float, int] | Non
             sum(p.n for p in parts))
 
 
+def difference(a: dict, b: dict, key: str) -> tuple[float, float, str, int | None]:
+    """``(diff, se, verdict, n)`` of row ``a`` minus row ``b`` on ``key``: paired over the shared
+    items (:func:`paired_compare`, ``n`` items) where both rows kept them, else unpaired
+    (:func:`compare`, ``n`` is ``None``)."""
+    pc = paired_compare(a, b, key)
+    if pc is None:
+        return (*compare(score(a, key), score(b, key)), None)
+    diff, se, n = pc
+    return diff, se, verdict(diff, se), n
+
+
 def verdicts(rows: list[dict]) -> list[str]:
     """One sentence per (bit width, group size, metric): QA-LoRA vs QLoRA w/ GPTQ, paired over
     the shared items where both rows kept per-item results, called beyond two standard errors."""
@@ -131,13 +142,8 @@ def verdicts(rows: list[dict]) -> list[str]:
             continue
         for key, name in (("commonsense", "the commonsense average"), ("mmlu_0shot", "MMLU 0-shot"),
                           ("mmlu_5shot", "MMLU 5-shot")):
-            pc = paired_compare(r, other, key)
-            if pc is None:
-                diff, se, word = compare(score(r, key), score(other, key))
-                how = "unpaired: the rows kept no per-item results"
-            else:
-                diff, se, n = pc
-                word, how = verdict(diff, se), f"paired over {n} items"
+            diff, se, word, n = difference(r, other, key)
+            how = "unpaired: the rows kept no per-item results" if n is None else f"paired over {n} items"
             out.append(f"- INT{r['bits']} g{r['group_size']}, {name}: QA-LoRA {word} QLoRA w/ GPTQ "
                        f"({100 * diff:+.1f} ± {100 * se:.1f} points, {how}; {_pct(score(r, key))} vs "
                        f"{_pct(score(other, key))}).")

@@ -19,29 +19,46 @@ come from the run that built them, so the re-run rows are reported beside them, 
 
 from __future__ import annotations
 
-from qalora.eval.paired import verdict
-from qalora.reproduce.report import _pct, compare, paired_compare, score
+from pathlib import Path
+
+from qalora.errors import QaloraError
+from qalora.reproduce.report import _pct, difference, score
 
 METRICS = (("commonsense", "CS avg (7)"), ("mmlu_0shot", "MMLU 0-shot"), ("mmlu_5shot", "MMLU 5-shot"))
 
 
+def rows_slug(names: list[str]) -> str:
+    """Paper row methods ``names`` (e.g. ``["qalora", "qlora+gptq"]``) as a file-name part."""
+    return "-".join(n.replace("+", "_") for n in names)
+
+
 def rerun_file(names: list[str]) -> str:
     """The report's file name for re-run rows ``names`` (paper row methods, e.g. ``["qalora"]``)."""
-    return "results-rerun-" + "-".join(n.replace("+", "_") for n in names) + ".json"
+    return f"results-rerun-{rows_slug(names)}.json"
+
+
+def read_paper_report(docs: str | Path, budget: str) -> dict | None:
+    """``docs/results.json`` (the full paper report re-run rows are set beside), if there is one;
+    refused in one line when it is unreadable or of another budget."""
+    from qalora.io import read_json
+
+    path = Path(docs) / "results.json"
+    if not path.is_file():
+        return None
+    previous = read_json(path, "paper report")
+    if previous.get("budget") != budget:
+        raise QaloraError(f"{str(path)!r} reports budget {previous.get('budget')!r}; re-run its rows at that budget "
+                          f"or write into another --docs folder")
+    return previous
 
 
 def _accuracy(after: dict, before: dict, key: str) -> dict:
-    pc = paired_compare(after, before, key)
-    if pc is None:
-        diff, se, word = compare(score(after, key), score(before, key))
-        return {"diff": diff, "stderr": se, "verdict": word, "paired": False}
-    diff, se, n = pc
-    return {"diff": diff, "stderr": se, "verdict": verdict(diff, se), "paired": True, "n": n}
+    diff, se, word, n = difference(after, before, key)
+    return {"diff": diff, "stderr": se, "verdict": word, "paired": n is not None, **({} if n is None else {"n": n})}
 
 
-def _loss_change(after: dict, before: dict, key: str) -> dict | None:
-    a, b = after.get(key), before.get(key)
-    return None if a is None or b is None else {"before": b, "after": a, "diff": a - b}
+def _change(after: float | None, before: float | None) -> dict | None:
+    return None if after is None or before is None else {"before": before, "after": after, "diff": after - before}
 
 
 def _ppl(row: dict) -> float | None:
@@ -60,10 +77,9 @@ def changes(rows: list[dict], previous: dict | None) -> list[dict]:
         old = before.get(r["id"])
         if old is not None:
             rec["compute_before"] = old.get("compute")
-            rec["val_loss_start"] = _loss_change(r, old, "val_loss_start")
-            rec["heldout_loss"] = _loss_change(r, old, "heldout_loss")
-            pa, pb = _ppl(r), _ppl(old)
-            rec["ppl"] = None if pa is None or pb is None else {"before": pb, "after": pa, "diff": pa - pb}
+            rec["val_loss_start"] = _change(r.get("val_loss_start"), old.get("val_loss_start"))
+            rec["heldout_loss"] = _change(r.get("heldout_loss"), old.get("heldout_loss"))
+            rec["ppl"] = _change(_ppl(r), _ppl(old))
             rec["accuracy"] = {key: _accuracy(r, old, key) for key, _ in METRICS}
         out.append(rec)
     return out

@@ -30,7 +30,8 @@ from qalora.io import model_fingerprint, read_json, work_dir, write_json
 from qalora.reproduce.grids import grid_name, grid_names
 from qalora.reproduce.report import timing
 from qalora.stages.identity import normalized, require_same
-from qalora.reproduce.plan import COMMONSENSE, EXTRA_CHOICE, Budget, Row, budget as get_budget, plan_rows
+from qalora.reproduce.plan import (COMMONSENSE, EXTRA_CHOICE, Budget, Row, budget as get_budget, check_paper_rows,
+                                   plan_rows)
 
 
 def _say(msg: str, progress: bool) -> None:
@@ -299,7 +300,7 @@ def reproduce(out: str | os.PathLike = "qalora-reproduce", budget: str = "small"
         raise QaloraError(f"suite {suite!r} is unknown; use one of: {', '.join(SUITES)}")
     b = get_budget(budget)
     grids = _check_suite_args(suite, grids, tasks, task_rows, method_rows)  # before anything is written
-    _check_paper_rows(suite, paper_rows)
+    check_paper_rows(suite, paper_rows)
     root = work_dir(out)
     ws = Workspace(root, model, b, progress)
     plan = {"budget": b.name, "model": str(model), "source_sha256": ws.source_sha256,
@@ -344,21 +345,10 @@ def reproduce(out: str | os.PathLike = "qalora-reproduce", budget: str = "small"
     if paper_rows is None:
         write_json(root / "results.json", summary)
     else:
-        write_json(root / ("results-" + "-".join(m.replace("+", "_") for m in paper_rows) + ".json"), summary)
+        from qalora.reproduce.rerun import rows_slug
+
+        write_json(root / f"results-{rows_slug(paper_rows)}.json", summary)
     return summary
-
-
-PAPER_METHODS = ("base", "lora", "qlora", "rtn", "gptq", "qlora+rtn", "qlora+gptq", "qalora")
-
-
-def _check_paper_rows(suite: str, paper_rows) -> None:
-    if paper_rows is None:
-        return
-    if suite != "paper":
-        raise QaloraError("--paper-rows applies to --suite paper only")
-    bad = [m for m in paper_rows if m not in PAPER_METHODS]
-    if bad or not paper_rows:
-        raise QaloraError(f"paper row {bad[0] if bad else ''!r} is unknown; use: {', '.join(PAPER_METHODS)}")
 
 
 DEFAULT_TASKS = ("sst2", "arithmetic")
