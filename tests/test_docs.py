@@ -235,13 +235,17 @@ def _grid_of(head: str) -> tuple:
     return (int(bits.removeprefix("INT")), int(group.removeprefix("g")))
 
 
+# the task suite's first report, every method at one rate (2e-4), kept beside the re-run
+SINGLE_RATE_TASKS = "docs/single-rate/tasks.json"
+
+
 def check_task_table(md: str, header: str, task: str) -> None:
     """A task's table: per row and width the held-out accuracy ± its standard error (%), and for
     the exact rows their paired difference from QLoRA w/ GPTQ ± standard error with the verdict,
     as ``docs/tasks.json`` holds them; "-" only where the JSON has no such row."""
     line, head, rows = table_at(md, header)
-    named_beside(md, line, "docs/tasks.json", before=40)
-    js = load("docs/tasks.json")
+    named_beside(md, line, SINGLE_RATE_TASKS, before=40)
+    js = load(SINGLE_RATE_TASKS)
     by = {(r["label"], r["bits"], r["group_size"]): r for r in js["rows"] if r["task"] == task}
     pairs = {(c["a"], c["b"]): c for c in js["comparisons"]}
     grids = [_grid_of(h) for h in head[1:]]
@@ -252,7 +256,7 @@ def check_task_table(md: str, header: str, task: str) -> None:
             if cell == "-":
                 assert r is None, f"tasks: the README leaves {label!r} INT{bits} g{group} of {task} empty"
                 continue
-            assert r is not None, f"tasks: no {task} row {label!r} at INT{bits} g{group} in docs/tasks.json"
+            assert r is not None, f"tasks: no {task} row {label!r} at INT{bits} g{group} in {SINGLE_RATE_TASKS}"
             acc, _, vs = cell.partition(" (")
             value, se = acc.split(" ± ")
             check(value, r["acc"]["value"], f"tasks {task} {label} acc", scale=100)

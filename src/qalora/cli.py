@@ -20,6 +20,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
         flag = "--" + f.name.replace("_", "-")
         help_ = f.metadata.get("help", "")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        said = "(default:" in help_  # a default the help states itself (e.g. one per method)
         kind = hints[f.name]
         if typing.get_origin(kind) in (typing.Union, types.UnionType):  # ``X | None``: an optional X
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
@@ -29,7 +30,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
         elif typing.get_origin(kind) is tuple:
             parser.add_argument(flag, dest=f.name, nargs="*", default=default, help=f"{help_} (default: {' '.join(default)})")
         else:
-            parser.add_argument(flag, dest=f.name, type=kind, default=default, help=f"{help_} (default: {default})")
+            parser.add_argument(flag, dest=f.name, type=kind, default=default,
+                                help=help_ if said else f"{help_} (default: {default})")
 
 
 def dataclass_from_args(cls, args: argparse.Namespace):

@@ -113,8 +113,9 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
-    """One training run. Defaults follow the original QA-LoRA code where it has one
-    (lr 2e-4, constant schedule, grad-norm clip 0.3).
+    """One training run. Defaults follow the original QA-LoRA code where it has one (constant
+    schedule, grad-norm clip 0.3), except the learning rate: each method has its own
+    (``qalora.adapters.methods.METHODS[m].lr``; QA-LoRA's group-mean input needs a higher one).
 
     Attributes:
         method: ``qalora`` (QA-LoRA), ``peqa`` (trained scales) or ``lota`` (LoTA-QAF) on an INTn
@@ -123,7 +124,8 @@ class TrainConfig:
         data: ``default`` (embedded instruction mixture), a JSON/JSONL file or a datasets folder.
         steps: optimizer steps.
         batch_size: sequences per micro-batch; ``grad_accum`` micro-batches per step.
-        lr, warmup_steps, weight_decay, max_grad_norm: AdamW, constant LR after linear warmup.
+        lr, warmup_steps, weight_decay, max_grad_norm: AdamW, constant LR after linear warmup;
+            ``lr=None`` takes the method's own default, so a record always holds the rate used.
         max_seq_len: tokens per sequence (responses are truncated, prompts never).
         compute_dtype: ``fp32`` or ``bf16`` (autocast; adapters and optimizer stay fp32).
         eval_every, eval_batches: validation loss every N steps on a fixed set of batches.
@@ -142,7 +144,9 @@ class TrainConfig:
     steps: int = field(default=200, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=4, metadata={"help": "sequences per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    lr: float = field(default=2e-4, metadata={"help": "learning rate (constant after warmup)"})
+    lr: float | None = field(default=None, metadata={"help": "learning rate, constant after warmup (default: the "
+                                                            "method's own: " + ", ".join(
+                                                                f"{m.name} {m.lr:g}" for m in METHODS.values()) + ")"})
     warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=0.3, metadata={"help": "gradient-norm clip (0 disables)"})
@@ -171,7 +175,9 @@ class TrainConfig:
                 raise QaloraError(f"{name} {getattr(self, name)!r} must be a positive integer")
         if self.max_seq_len < 8:
             raise QaloraError(f"max_seq_len {self.max_seq_len} is too short; use at least 8 (e.g. 256)")
-        if not self.lr > 0:
+        if self.lr is None:
+            self.lr = METHODS[self.method].lr
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0:
             raise QaloraError(f"lr {self.lr!r} must be positive, e.g. 2e-4")
         if self.warmup_steps < 0 or self.max_grad_norm < 0 or self.weight_decay < 0:
             raise QaloraError("warmup_steps, max_grad_norm and weight_decay must not be negative")
@@ -204,7 +210,8 @@ class PipelineConfig:
     quant_method: str = field(default=QuantConfig.method, metadata={"help": "rtn or gptq"})
     calib_samples: int = field(default=QuantConfig.calib_samples, metadata={"help": "GPTQ calibration sequences"})
     steps: int = field(default=100, metadata={"help": "QA-LoRA optimizer steps"})
-    lr: float = field(default=TrainConfig.lr, metadata={"help": "learning rate"})
+    lr: float | None = field(default=None, metadata={"help": f"learning rate (default: QA-LoRA's own, "
+                                                                     f"{METHODS['qalora'].lr:g})"})
     rank: int = field(default=LoraConfig.rank, metadata={"help": "adapter rank r"})
     batch_size: int = field(default=TrainConfig.batch_size, metadata={"help": "sequences per micro-batch"})
     max_seq_len: int = field(default=TrainConfig.max_seq_len, metadata={"help": "tokens per training sequence"})

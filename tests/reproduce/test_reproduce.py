@@ -240,8 +240,22 @@ def test_tasks_suite_smoke(tmp_path):
     kinds = [(c["kind"], c["a"]) for c in s["comparisons"]]
     assert ("tuning gain", "sst2-lora") in kinds
     assert sum(k == "exact vs requantized" for k, _ in kinds) == len(EXACT)
+    # every row with a rate chose it on validation points of its own (INT4 g64 for grid rows)
+    from qalora.reproduce.rates import choose
+
+    for name, r in rows.items():
+        mine = [p for p in s["selection"] if p["row"] == name]
+        if name in ("base", "gptq", "lota"):
+            assert r["lr"] is None and not mine and r["rate_chosen_on"] == []
+            continue
+        assert sorted(p["lr"] for p in mine) == [1e-3, 1e-2] and r["lr"] == choose(mine)
+        assert r["rate_chosen_on"] == [p["id"] for p in mine]
+        assert all(p["split"] == "validation" and p["bits"] == (4 if r["bits"] else None) for p in mine)
+        assert all(p["acc"]["n"] == len(json.loads(
+            (tmp_path / "out" / "tasks" / "sst2" / "select.json").read_text())["validation_keys"]) for p in mine)
     md = tasks_markdown(s, "qalora reproduce --suite tasks")
     assert "## sst2 (acc," in md and "| QA-LoRA + scales |" in md and "McNemar p" in md
+    assert "Rate selection (acc on" in md
     written = write_task_docs(s, tmp_path / "docs", "qalora reproduce --suite tasks")
     assert [p.name for p in written] == ["tasks.json", "results_tasks.png", "RESULTS_TASKS.md"]
     assert json.loads(written[0].read_text())["rows"] == s["rows"] and written[1].read_bytes()[:4] == b"\x89PNG"
@@ -339,7 +353,12 @@ def test_tasks_report_grows_over_calls_and_flags_mixed_bases():
     other_task = merge_task_summaries(redo, _tasks_summary(["arithmetic"], [_task_row("arithmetic", "qalora", 3, [1, 0],
                                                                                       "c" * 64)]))
     assert other_task["mixed_bases"] == {}   # another task's rows on another base: nothing is compared across them
-    assert merge_task_summaries(None, second) is second
+    assert merge_task_summaries(None, second) == {**second, "selection": []}
+    # rate-selection points accumulate by id like rows: a call's own replace, the others stay
+    pt = lambda lr, v: {"id": f"sst2-select-qalora-int4-g64-lr{lr:g}", "task": "sst2", "row": "qalora", "lr": lr, "v": v}
+    with_points = merge_task_summaries({**second, "selection": [pt(1e-3, 1), pt(1e-2, 1)]},
+                                       {**second, "selection": [pt(1e-2, 2), pt(1e-4, 2)]})
+    assert [(p["lr"], p["v"]) for p in with_points["selection"]] == [(1e-4, 2), (1e-3, 1), (1e-2, 2)]
     with pytest.raises(QaloraError, match="budget_settings"):
         merge_task_summaries(first, {**second, "budget_settings": {"steps": 100}})
 

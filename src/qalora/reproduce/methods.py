@@ -87,8 +87,10 @@ def _merge_row(ws, row: MethodRow, bits: int, group: int):
         adir, acfg = ws.adapter("qlora", ws.fp_folder, "qlora")
         requant = QuantConfig(bits=bits, group_size=group, method="gptq", calib_samples=ws.b.calib_samples)
         return (*ws.merged_model(rid, adir, acfg, ws.fp_folder, requant), acfg)
-    adir, acfg = ws.adapter(row.method, base, rid, **row.switches)
-    return (*ws.merged_model(rid, adir, acfg, base), acfg)
+    # each method at its own default rate (the paper suite trains at the original code's one
+    # rate): its own folders, so a work folder shared by both suites keeps them apart
+    adir, acfg = ws.adapter(row.method, base, f"methods-{rid}", overrides={"lr": None}, **row.switches)
+    return (*ws.merged_model(f"methods-{rid}", adir, acfg, base), acfg)
 
 
 def mixed_bases(rows: list[dict]) -> dict[str, list[str]]:

@@ -47,7 +47,7 @@ class Budget:
     eval_batch_size: int = 8
     batch_size: int = 4
     max_seq_len: int = 256
-    lr: float = 2e-4
+    lr: float | None = 2e-4  # the original code's one rate (the paper suite); None: each method's own
     rank: int = 64
     alpha: float = 16.0
     seed: int = 0

@@ -390,9 +390,9 @@ def _tasks_suite(ws, plan: dict, budget: str, tasks, task_rows, grids, limit, pr
     tasks = list(tasks or DEFAULT_TASKS)
     rows = [r for r in TASK_ROWS if task_rows is None or r.name in task_rows]
     t0 = time.time()
-    done = run_tasks(ws, budget, tasks, grids, rows, say=lambda m: _say(m, progress), limit=limit)
+    done, points = run_tasks(ws, budget, tasks, grids, rows, say=lambda m: _say(m, progress), limit=limit)
     summary = {**plan, "suite": "tasks", "tasks": tasks, "grids": grid_names(grids),
-               "machine": machine(), "rows": done, "comparisons": comparisons(done),
+               "machine": machine(), "rows": done, "selection": points, "comparisons": comparisons(done),
                "seconds_this_call": round(time.time() - t0, 1)}
     write_json(ws.root / "tasks.json", summary)
     return summary

@@ -57,6 +57,9 @@ def merge_task_summaries(previous: dict | None, summary: dict) -> dict:
         return (tasks.index(r["task"]) if r["task"] in tasks else 99, names.index(r["row"]) if r["row"] in names else 99,
                 -1 if grid is None else grids.index(grid) if grid in grids else 99)
 
+    mine = {p["id"] for p in summary.get("selection", [])}
+    points = [p for p in (previous or {}).get("selection", []) if p["id"] not in mine] + summary.get("selection", [])
+    summary = {**summary, "selection": sorted(points, key=lambda p: (p["task"], p["row"], p["lr"]))}
     merged = accumulate.accumulate(previous, summary, order, "tasks.json")
     if merged is None:
         return summary
@@ -130,6 +133,37 @@ def verdict_lines(summary: dict, task: str) -> list[str]:
     return ["Verdicts:", "", *lines, ""] if lines else []
 
 
+def _rate(r: dict) -> str:
+    if not r.get("method"):
+        return "-"
+    return f"{r['lr']:g}" if r.get("lr") is not None else ("t-SignSGD" if r["method"] == "lota" else "?")
+
+
+def selection_lines(summary: dict, task: str) -> list[str]:
+    """The rate-selection table of ``task``: validation accuracy (%) per row and rate, the chosen
+    (highest; ties to the lower rate) in bold; rows without a rate are not listed."""
+    points = [p for p in summary.get("selection", []) if p["task"] == task]
+    if not points:
+        return []
+    rates = sorted({p["lr"] for p in points})
+    by = {(p["row"], p["lr"]): p for p in points}
+    first = points[0]
+    n = first[first["reported"]]["n"]
+    lines = [f"Rate selection ({first['reported']} on {n} validation items carved from the training part; "
+             "rows built per grid chose at INT4 g64):", "",
+             "| row | " + " | ".join(f"{lr:g}" for lr in rates) + " |", "|---|" + "---|" * len(rates)]
+    for name in dict.fromkeys(p["row"] for p in points):
+        mine = [by[(name, lr)] for lr in rates if (name, lr) in by]
+        best = max(mine, key=lambda p: (p[p["reported"]]["value"], -p["lr"]))
+        cells = []
+        for lr in rates:
+            p = by.get((name, lr))
+            v = "-" if p is None else f"{100 * p[p['reported']]['value']:.1f}"
+            cells.append(f"**{v}**" if p is best else v)
+        lines.append(f"| {mine[0]['label']} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def tasks_markdown(summary: dict, command: str, plot: str | None = None) -> str:
     """``RESULTS_TASKS.md``: per task a table of held-out accuracy and the paired verdicts;
     ``plot``: the file name of the plot beside it (:mod:`qalora.reproduce.tasks_plot`), shown first."""
@@ -162,14 +196,17 @@ def tasks_markdown(summary: dict, command: str, plot: str | None = None) -> str:
         by = {(r["row"], r["bits"], r["group_size"]): r for r in mine}
         metric = mine[0]["reported"]
         lines += [f"## {task} ({metric}, {len(mine[0]['per_item']['index'])} held-out items)", "",
-                  "| " + " | ".join(["row", "16-bit", *(f"INT{b} g{g}" for b, g in grids)]) + " |",
-                  "|" + "---|" * (len(grids) + 2)]
+                  "| " + " | ".join(["row", "lr", "16-bit", *(f"INT{b} g{g}" for b, g in grids)]) + " |",
+                  "|" + "---|" * (len(grids) + 3)]
         for name in names:
             label = next(r["label"] for r in mine if r["row"] == name)
-            cells = [_pct(by[(name, None, None)][metric]) if (name, None, None) in by else "-"]
+            rates = sorted({_rate(r) for r in mine if r["row"] == name})
+            cells = [" / ".join(rates)]
+            cells += [_pct(by[(name, None, None)][metric]) if (name, None, None) in by else "-"]
             cells += [_pct(by[(name, b, g)][metric]) if (name, b, g) in by else "-" for b, g in grids]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
+        lines += selection_lines(summary, task)
         bases = {f"INT{r['bits']} g{r['group_size']}": r["base_sha256"][:12] for r in mine if r.get("base_sha256")}
         if bases:
             lines += ["The exact rows' GPTQ base (SHA-256 of its checkpoint): "

@@ -1,0 +1,51 @@
+"""Rate selection: the validation part comes from the training items only, the choice is the
+best validation accuracy with ties to the lower rate."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from qalora.errors import QaloraError
+from qalora.eval.task_spec import ChoiceItem
+from qalora.reproduce.rates import choose, has_rate, prepare_selection
+from qalora.reproduce.task_split import item_key, split_items
+from qalora.reproduce.tasks import TASK_ROWS
+
+
+def _items(n):
+    return [ChoiceItem(requests=((f"Review {i}: x{i % 7}. Sentiment:", " negative"),
+                                 (f"Review {i}: x{i % 7}. Sentiment:", " positive")), gold=i % 2,
+                       lengths=(9, 9), index=i) for i in range(n)]
+
+
+def _point(lr, acc, metric="acc"):
+    return {"lr": lr, "reported": metric, metric: {"value": acc}}
+
+
+def test_choose_takes_the_best_and_the_lower_rate_on_a_tie():
+    assert choose([_point(1e-4, 0.5), _point(1e-3, 0.8), _point(1e-2, 0.7)]) == 1e-3
+    assert choose([_point(1e-2, 0.8), _point(1e-3, 0.8), _point(1e-4, 0.6)]) == 1e-3
+    assert choose([_point(1e-3, 0.2, "acc_norm"), _point(1e-2, 0.3, "acc_norm")]) == 1e-2
+    with pytest.raises(QaloraError, match="no rate was tried"):
+        choose([])
+
+
+def test_every_tuned_row_but_lota_alone_has_a_rate():
+    rated = {r.name for r in TASK_ROWS if has_rate(r)}
+    assert rated == {"lora", "qlora", "qlora+rtn", "qlora+gptq", "qalora", "qalora+scales", "peqa", "lota+qalora"}
+
+
+def test_validation_is_carved_from_training_items_never_the_held_out(tmp_path):
+    items = _items(60)
+    split = split_items(items, 20)
+    ws = SimpleNamespace(root=tmp_path)
+    sel = prepare_selection(ws, "sst2", split.train, 10)
+    val = {item_key(i) for i in sel.validation}
+    trained = [json.loads(line)["prompt"] for line in sel.data.read_text().splitlines()]
+    assert len(sel.validation) >= 10 and len(trained) + len(sel.validation) == len(split.train)
+    assert not val & {item_key(i) for i in split.heldout}                       # never a held-out item
+    assert not val & {item_key(i) for i in split.train if i.requests[0][0] in trained}
+    assert prepare_selection(ws, "sst2", split.train, 10).validation == sel.validation   # reread, same cut
+    with pytest.raises(QaloraError, match="another selection split"):
+        prepare_selection(ws, "sst2", split.train, 12)
