@@ -487,3 +487,4 @@ def test_speed_block_is_speed_json_table():
     assert "benchmarks/results/speed.json" in section
     blocks = re.findall(r"```\n(system .*?)\n```", section, re.S)
     assert blocks == [load("benchmarks/results/speed.json")["table"]], "README speed block differs from speed.json"
+

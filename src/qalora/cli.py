@@ -198,6 +198,11 @@ def cmd_reproduce(args) -> int:
 
         check_paper_rows(args.suite, args.paper_rows)
         previous = read_paper_report(args.docs, args.budget)  # readable, and of this budget, before any work
+    if args.suite == "tasks" and args.docs and (earlier := _earlier_report(args, report_file)):
+        from qalora.io import work_dir
+        from qalora.reproduce.rates import seed_points
+
+        seed_points(work_dir(args.out), earlier.get("selection", []))  # rates chosen by earlier calls
     summary = reproduce(args.out, args.budget, args.model, suite=args.suite, grids=grids, cached_only=args.cached_only,
                         tasks=args.tasks, task_rows=args.task_rows, method_rows=args.method_rows,
                         paper_rows=args.paper_rows, progress=not args.quiet)

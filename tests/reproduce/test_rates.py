@@ -49,3 +49,19 @@ def test_validation_is_carved_from_training_items_never_the_held_out(tmp_path):
     assert prepare_selection(ws, "sst2", split.train, 10).validation == sel.validation   # reread, same cut
     with pytest.raises(QaloraError, match="another selection split"):
         prepare_selection(ws, "sst2", split.train, 12)
+
+
+def test_points_of_an_earlier_report_are_chosen_from_without_training(tmp_path):
+    from qalora.reproduce.rates import choose_rate, seed_points, selection_id
+    from qalora.reproduce.tasks import TaskBudget
+
+    row = next(r for r in TASK_ROWS if r.name == "qalora")
+    tb = TaskBudget(steps=2, batch_size=4, max_seq_len=64, heldout=8, validation=4, rates=(1e-3, 1e-2))
+    points = [{"id": selection_id("sst2", row, (4, 64), lr), "task": "sst2", "row": "qalora", "lr": lr,
+               "reported": "acc", "acc": {"value": v}} for lr, v in ((1e-3, 0.6), (1e-2, 0.9))]
+    assert seed_points(tmp_path, points) == 2 and seed_points(tmp_path, points) == 0   # never overwrites
+    ws = SimpleNamespace(root=tmp_path)        # no model, no base: training anything would fail here
+    lr, used = choose_rate(ws, "sst2", row, sel=None, tb=tb, say=lambda m: None)
+    assert lr == 1e-2 and [p["lr"] for p in used] == [1e-3, 1e-2]
+    lota = next(r for r in TASK_ROWS if r.name == "lota")
+    assert choose_rate(ws, "sst2", lota, sel=None, tb=tb) == (None, [])

@@ -355,7 +355,9 @@ def test_tasks_report_grows_over_calls_and_flags_mixed_bases():
     assert other_task["mixed_bases"] == {}   # another task's rows on another base: nothing is compared across them
     assert merge_task_summaries(None, second) == {**second, "selection": []}
     # rate-selection points accumulate by id like rows: a call's own replace, the others stay
-    pt = lambda lr, v: {"id": f"sst2-select-qalora-int4-g64-lr{lr:g}", "task": "sst2", "row": "qalora", "lr": lr, "v": v}
+    def pt(lr, v):
+        return {"id": f"sst2-select-qalora-int4-g64-lr{lr:g}", "task": "sst2", "row": "qalora", "lr": lr, "v": v}
+
     with_points = merge_task_summaries({**second, "selection": [pt(1e-3, 1), pt(1e-2, 1)]},
                                        {**second, "selection": [pt(1e-2, 2), pt(1e-4, 2)]})
     assert [(p["lr"], p["v"]) for p in with_points["selection"]] == [(1e-4, 2), (1e-3, 1), (1e-2, 2)]

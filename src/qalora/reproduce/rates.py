@@ -121,6 +121,23 @@ def selection_point(ws, task: str, row, lr: float, sel: SelectionSplit, tb) -> d
     return rec
 
 
+def seed_points(root: Path, points: list[dict]) -> int:
+    """Write rate-selection ``points`` of an earlier report (e.g. ``docs/tasks.json``, from a work
+    folder since gone) into ``root/rows/`` where that folder has none of the same id, so a later
+    call chooses from them instead of training them again; returns how many were written. A point
+    keeps the GPTQ base it was measured on (``base_sha256``): the choice is a setting, and the
+    held-out rows are built and compared on this call's base."""
+    folder = Path(root) / "rows"
+    wrote = 0
+    for p in points:
+        path = folder / f"tasks-{p['id']}.json"
+        if not path.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            write_json(path, p)
+            wrote += 1
+    return wrote
+
+
 def choose(points: list[dict]) -> float:
     """The rate of the point with the highest validation accuracy of its reported metric; ties go
     to the lower rate."""
