@@ -399,6 +399,9 @@ def test_pipeline_block_is_the_committed_runs_or_marked():
         assert block == format_table(json.loads(record.read_text())), \
             "the README's pipeline table is not what format_table prints from benchmarks/results/pipeline.json"
         assert NOT_BACKED not in section, "the Pipeline section still says nothing backs its table"
+        earlier = load("benchmarks/results/pipeline-lr2e-4.json")       # the same job at the old rate
+        quoted = f"{earlier['val_loss_before']:.4f} → {earlier['val_loss_after']:.4f}"
+        assert quoted in section and "pipeline-lr2e-4.json" in section, f"the old-rate run's {quoted} is not quoted"
     else:
         assert NOT_BACKED in section and "2026-11-24" in section, \
             "the pipeline table has no committed pipeline.json and is not marked with its date and command"
@@ -488,3 +491,21 @@ def test_speed_block_is_speed_json_table():
     blocks = re.findall(r"```\n(system .*?)\n```", section, re.S)
     assert blocks == [load("benchmarks/results/speed.json")["table"]], "README speed block differs from speed.json"
 
+
+
+# ----------------------------------------------------------------------------- docs/LEARNING_RATES.md
+
+def test_learning_rates_doc_quotes_its_measurements():
+    """The rate-vs-parametrization table is the one ``benchmarks/rate_parametrization.py`` wrote,
+    every run on one base; the SST-2 figure is the default-rate check's, as is the README's."""
+    doc = (ROOT / "docs" / "LEARNING_RATES.md").read_text()
+    runs = load("benchmarks/results/rate_parametrization.json")
+    assert runs["table"] in doc and len({r["base_sha256"] for r in runs["rows"]}) == 1
+    sst2 = load("benchmarks/results/default_rate-sst2-qalora-int4-g64.json")
+    assert not sst2["lr_given"] and sst2["merge_lossy"] is False
+    from qalora.adapters.methods import METHODS
+
+    assert sst2["lr"] == METHODS["qalora"].lr, "the SST-2 check ran at another rate than today's default"
+    figure = f"{100 * sst2['acc']['value']:.1f} ± {100 * sst2['acc']['stderr']:.1f}"
+    for text, where in ((doc, "docs/LEARNING_RATES.md"), (README, "README")):
+        assert figure in text and "default_rate-sst2-qalora-int4-g64.json" in text, f"{where} lacks {figure}"
