@@ -34,14 +34,22 @@ def test_greedy_tokens_equal_generate(qmodel, batch):
     assert torch.equal(ours, _hf(qmodel, ids, 20))
 
 
-def test_greedy_logits_equal_the_uncached_forward(qmodel):
-    """Each step's logits are the full forward's at that position (to fp32 rounding): the
-    preallocated cache attends to exactly the tokens before it."""
+def test_greedy_logits_equal_the_uncached_forward(qmodel, monkeypatch):
+    """Each step's logits (those the loop chooses from) are the full forward's at that position,
+    to fp32 rounding: the preallocated cache attends to exactly the tokens before it."""
+    import qalora.decode.loop as loop
+
+    seen = []
+    choose = loop.choose
+    monkeypatch.setattr(loop, "choose", lambda logits, *a: seen.append(logits.clone()) or choose(logits, *a))
     ids = torch.randint(3, 300, (1, 7), generator=torch.Generator().manual_seed(5))
     out = decode(qmodel, ids, DecodeConfig(max_new_tokens=6))
     seq = torch.cat([ids, out], dim=1)
     with torch.no_grad():
         full = qmodel(seq).logits[0]                                   # [T + 6, V]
+    assert len(seen) == 6
+    # one token at a time against one pass over the sequence: the GEMMs group the sums differently
+    torch.testing.assert_close(torch.cat(seen), full[ids.shape[1] - 1:-1], rtol=0, atol=1e-5)
     assert torch.equal(full[ids.shape[1] - 1:-1].argmax(-1), out[0])
 
 
