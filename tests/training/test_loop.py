@@ -150,9 +150,17 @@ def test_resume_after_sigkill_is_exact(tmp_path, fp_dir, q_dir, data_file, metho
     assert any(t.abs().sum() > 0 for k, t in a.items() if "lora_B" in k or "log_scale" in k or "lota_B" in k)
 
 
-def test_gradient_checkpointing_gives_the_same_adapter(tmp_path, q_dir, data_file):
+def test_gradient_checkpointing_gives_the_same_adapter(tmp_path, q_dir, data_file, monkeypatch):
+    from transformers.models.llama import modeling_llama
+
+    calls = []  # the decoder layers' norms (inside the checkpointed layer forward; the final norm is not)
+    norm = modeling_llama.LlamaRMSNorm.forward
+    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", lambda self, x: calls.append(1) or norm(self, x))
     train(q_dir, tmp_path / "plain", cfg(data_file, steps=2), LORA, progress=False)
+    plain = len(calls)
     train(q_dir, tmp_path / "ckpt", cfg(data_file, steps=2, grad_checkpointing=True), LORA, progress=False)
+    # checkpointing ran: backward recomputed the layers, whose norms ran again
+    assert len(calls) - plain > plain > 0, (plain, len(calls) - plain)
     a = load_file(str(tmp_path / "plain" / "adapter.safetensors"))
     b = load_file(str(tmp_path / "ckpt" / "adapter.safetensors"))
     for k in a:  # recomputation reorders nothing in fp32 on CPU, but allow GEMM-level rounding
