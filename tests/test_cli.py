@@ -69,6 +69,15 @@ def test_not_a_checkpoint(tmp_path, capsys):
     assert "has no config.json" in capsys.readouterr().err
 
 
+def test_an_unreadable_model_config_is_refused_in_one_short_line(tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text('{"model_type": "llama", "hidden_size": ' + "1" * 400)
+    assert main(["quantize", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "could not read a model config from" in err and len(err) < 260, err
+    assert not (tmp_path / "q").exists()
+
+
 def test_cli_defaults_come_from_the_dataclass():
     from qalora.config import QuantConfig
 

@@ -40,7 +40,9 @@ def check_model_type(folder: Path) -> None:
     try:
         config = AutoConfig.from_pretrained(str(folder))
     except (OSError, ValueError) as e:
-        raise QaloraError(f"could not read a model config from {str(folder)!r} ({str(e).splitlines()[0]})") from None
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise QaloraError(f"could not read a model config from {str(folder)[-80:]!r} "
+                          f"({reason[:80]}{'…' if len(reason) > 80 else ''}); pass a Hugging Face model folder") from None
     if config.model_type not in SUPPORTED_TYPES:
         raise QaloraError(f"model type {config.model_type!r} of {str(folder)!r} is not supported; "
                           f"use a {', '.join(SUPPORTED_TYPES)} decoder")

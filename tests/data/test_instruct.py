@@ -134,7 +134,8 @@ ERROR_CASES = {
     "not a list": ("n.json", "42", r"n\.json: a \.json file must hold a JSON list"),
     "record not an object": ("r.jsonl", bad(OK, "[1, 2]"), r"r\.jsonl line 2: expected a JSON object, got list"),
     "unknown schema": ("u.jsonl", bad({"prompt": "a", "answer": "b"}),
-                       r"u\.jsonl line 1: record has none of 'messages', 'instruction', 'completion'.*prompt, answer"),
+                       r"u\.jsonl line 1: record has none of 'messages' \(chat\), 'instruction' \(Alpaca\), 'prompt' "
+                       r"\+ 'completion'; its keys: prompt, answer$"),
     "missing output": ("o.jsonl", bad(OK, {"instruction": "a"}), r"o\.jsonl line 2: record is missing field 'output'"),
     "empty instruction": ("i.jsonl", bad({"instruction": " ", "output": "b"}),
                           r"i\.jsonl line 1: field 'instruction' is empty"),
@@ -169,6 +170,14 @@ def test_load_examples_errors_name_file_line_and_field(tmp_path, case):
     with pytest.raises(QaloraError, match=pattern) as info:
         load_examples(str(path))
     assert "\n" not in str(info.value)  # one-line messages
+
+
+def test_a_record_of_no_known_schema_is_refused_in_one_short_line(tmp_path):
+    record = {f"column_{k}_with_a_long_name_{'x' * 40}": k for k in range(12)}
+    path = write_jsonl(tmp_path / "u.jsonl", [record])
+    with pytest.raises(QaloraError, match=r"its keys: column_0_with_a_, column_1_with_a_, column_2_with_a_ and 9 more$") as info:
+        load_examples(str(path))
+    assert len(str(info.value)) - len(str(path)) < 170
 
 
 def test_schema_specific_readers_reject_the_other_schema(tmp_path):

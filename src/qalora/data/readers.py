@@ -162,8 +162,10 @@ def record_example(record: Any, where: str, source: str, schema: str | None = No
         elif record.get("completion") is not None:
             schema = "completion"
         else:
-            raise QaloraError(f"{where}: record has none of 'messages', 'instruction', 'completion' (keys: "
-                              f"{', '.join(map(str, record)) or 'none'}); {ALPACA_HELP}; {CHAT_HELP}; {COMPLETION_HELP}")
+            keys = [str(k)[:16] for k in record]
+            shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "") or "none"
+            raise QaloraError(f"{where}: record has none of 'messages' (chat), 'instruction' (Alpaca), "
+                              f"'prompt' + 'completion'; its keys: {shown}")
     readers = {"chat": chat_example, "alpaca": alpaca_example, "completion": completion_example}
     return readers[schema](record, where, source)
 
