@@ -74,3 +74,17 @@ def test_package_names_stay_functions_whatever_was_imported():
             importlib.import_module(m.name)
     for name in ("quantize", "pipeline", "merge", "train", "evaluate", "generate", "load", "quantize_model"):
         assert callable(getattr(qalora, name)) and not isinstance(getattr(qalora, name), type(qalora)), name
+
+
+def test_loading_through_the_python_api_prints_nothing(tmp_path, tiny_model, tiny_tok):
+    """``qalora.load`` is as quiet as the CLI: torchao's library-load lines and torch's pytree
+    warnings (printed when transformers imports torchao) are silenced."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("torchao")   # the noise comes from torchao's import
+    quantize_model(tiny_model, QuantConfig(bits=4, group_size=32, method="rtn"), progress=False)
+    save_checkpoint(tiny_model, tiny_tok, tmp_path / "q", {"bits": 4, "group_size": 32, "method": "rtn"})
+    code = f"import qalora; m = qalora.load({str(tmp_path / 'q')!r}); print(type(m).__name__)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "LlamaForCausalLM" and r.stderr == "", r.stderr[:500]

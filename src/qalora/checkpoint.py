@@ -174,6 +174,9 @@ def load(path: str | os.PathLike, kernel: str = "auto", device: str | torch.devi
     tensor still points into it. ``files``: the command's :class:`~qalora.io.FileCache` (the file
     is hashed and read once per command).
     """
+    from qalora.quiet import import_transformers
+
+    import_transformers()  # the Python API as quiet as the CLI: torchao's import noise silenced
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
