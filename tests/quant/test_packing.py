@@ -7,7 +7,7 @@ from qalora.quant.packing import pack, packed_len, unpack
 SHAPES = [(1, 1), (3, 5), (7, 33), (4, 64), (2, 3, 17), (16, 576), (5, 1536), (1, 7), (9, 8), (2, 0)]
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_roundtrip_exact(bits, shape):
     g = torch.Generator().manual_seed(hash((bits, shape)) % 2**31)
@@ -18,7 +18,7 @@ def test_roundtrip_exact(bits, shape):
     assert torch.equal(unpack(p, shape[-1], bits), q)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 def test_extreme_codes(bits):
     for value in (0, 2**bits - 1):
         q = torch.full((3, 40), value, dtype=torch.uint8)
@@ -29,6 +29,8 @@ def test_packed_sizes_are_bits_over_8():
     assert packed_len(4096, 2) == 1024
     assert packed_len(4096, 3) == 1536
     assert packed_len(4096, 4) == 2048
+    assert packed_len(4096, 5) == 2560
+    assert packed_len(4096, 6) == 3072
     assert packed_len(4096, 8) == 4096
     assert packed_len(5, 3) == 3  # padded to one unit of 8 codes
 
@@ -42,6 +44,12 @@ def test_known_layouts():
     q = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 0]], dtype=torch.uint8)
     word = sum(int(v) << (3 * k) for k, v in enumerate(q[0]))
     assert pack(q, 3).tolist() == [[word & 0xFF, (word >> 8) & 0xFF, (word >> 16) & 0xFF]]
+    # 5-bit: 40-bit little-endian word of 8 codes; 6-bit: 24-bit word of 4 codes
+    for bits, codes in ((5, [31, 1, 17, 0, 30, 5, 9, 22]), (6, [63, 1, 40, 7])):
+        word = sum(v << (bits * k) for k, v in enumerate(codes))
+        nbytes = len(codes) * bits // 8
+        assert pack(torch.tensor([codes], dtype=torch.uint8), bits).tolist() == \
+            [[(word >> (8 * k)) & 0xFF for k in range(nbytes)]]
 
 
 def test_rows_are_independent():
@@ -53,8 +61,8 @@ def test_rows_are_independent():
 
 
 def test_bad_input():
-    with pytest.raises(QaloraError, match="bits 5"):
-        pack(torch.zeros(2, 2, dtype=torch.uint8), 5)
+    with pytest.raises(QaloraError, match="bits 7 cannot be packed; use one of 2, 3, 4, 5, 6, 8"):
+        pack(torch.zeros(2, 2, dtype=torch.uint8), 7)
     with pytest.raises(TypeError):
         pack(torch.zeros(2, 2), 4)
     with pytest.raises(ValueError):

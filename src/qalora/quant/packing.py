@@ -10,8 +10,13 @@ bits   unit                                        layout (little-endian)
 2      4 codes → 1 byte                            byte = q0 | q1<<2 | q2<<4 | q3<<6
 3      8 codes → 3 bytes                           24-bit word = Σ q_k << 3k, bytes low→high
 4      2 codes → 1 byte                            byte = q0 | q1<<4
+5      8 codes → 5 bytes                           40-bit word = Σ q_k << 5k, bytes low→high
+6      4 codes → 3 bytes                           24-bit word = Σ q_k << 6k, bytes low→high
 8      1 code  → 1 byte                            identity
 =====  ==========================================  ======================
+
+Every width the storage holds (``STORED_BITS``): the quantizers write 2, 3, 4 and 8; 5 and 6 are
+the widths of imported files (GGUF Q5_0/Q5_1/Q5_K, Q6_K).
 """
 
 from __future__ import annotations
@@ -20,10 +25,17 @@ from typing import Callable
 
 import torch
 
-from qalora.quant.qparams import check_bits
+from qalora.errors import QaloraError
+from qalora.quant.bits import STORED_BITS
 
 # codes per unit, bytes per unit
-_UNITS = {2: (4, 1), 3: (8, 3), 4: (2, 1), 8: (1, 1)}
+_UNITS = {2: (4, 1), 3: (8, 3), 4: (2, 1), 5: (8, 5), 6: (4, 3), 8: (1, 1)}
+
+
+def check_bits(bits: int) -> None:
+    """Refuse a width the packed storage does not hold."""
+    if bits not in STORED_BITS:
+        raise QaloraError(f"bits {bits!r} cannot be packed; use one of {', '.join(map(str, STORED_BITS))}")
 
 
 def packed_len(n: int, bits: int) -> int:
@@ -58,17 +70,27 @@ def _unpack_sub_byte(p: torch.Tensor, n: int, bits: int) -> torch.Tensor:
     return (v & (2**bits - 1)).to(torch.uint8).flatten(-2)[..., :n]
 
 
-def _pack3(q: torch.Tensor) -> torch.Tensor:
-    u = _pad_units(q, 8)                                     # [..., n/8, 8]
-    word = (u << _shifts(8, 3, q.device)).sum(-1)            # [..., n/8] 24-bit words
-    b = torch.stack([word & 0xFF, (word >> 8) & 0xFF, (word >> 16) & 0xFF], dim=-1)
-    return b.to(torch.uint8).flatten(-2)                     # [..., 3n/8]
+def _word_dtype(nbytes: int) -> torch.dtype:
+    return torch.int32 if nbytes <= 3 else torch.int64
 
 
-def _unpack3(p: torch.Tensor, n: int) -> torch.Tensor:
-    b = p.to(torch.int32).reshape(*p.shape[:-1], -1, 3)     # [..., n/8, 3]
-    word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)
-    v = (word.unsqueeze(-1) >> _shifts(8, 3, p.device)) & 7  # [..., n/8, 8]
+def _pack_words(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Widths that straddle bytes (3, 5, 6): a unit of codes forms one little-endian word, written
+    low byte first (int32 for the 24-bit words of 3 and 6 bits, int64 for 5 bits' 40)."""
+    per, nbytes = _UNITS[bits]
+    wide = _word_dtype(nbytes)
+    u = _pad_units(q, per).to(wide)                                 # [..., n/per, per]
+    word = (u << _shifts(per, bits, q.device).to(wide)).sum(-1)     # [..., n/per]
+    b = torch.stack([(word >> (8 * k)) & 0xFF for k in range(nbytes)], dim=-1)
+    return b.to(torch.uint8).flatten(-2)                           # [..., n/per * nbytes]
+
+
+def _unpack_words(p: torch.Tensor, n: int, bits: int) -> torch.Tensor:
+    per, nbytes = _UNITS[bits]
+    wide = _word_dtype(nbytes)
+    b = p.to(wide).reshape(*p.shape[:-1], -1, nbytes)              # [..., units, nbytes]
+    word = sum(b[..., k] << (8 * k) for k in range(nbytes))
+    v = (word.unsqueeze(-1) >> _shifts(per, bits, p.device).to(wide)) & (2**bits - 1)
     return v.to(torch.uint8).flatten(-2)[..., :n]
 
 
@@ -82,14 +104,18 @@ def _unpack8(p: torch.Tensor, n: int) -> torch.Tensor:
 
 PACKERS: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {
     2: lambda q: _pack_sub_byte(q, 2),
-    3: _pack3,
+    3: lambda q: _pack_words(q, 3),
     4: lambda q: _pack_sub_byte(q, 4),
+    5: lambda q: _pack_words(q, 5),
+    6: lambda q: _pack_words(q, 6),
     8: _pack8,
 }
 UNPACKERS: dict[int, Callable[[torch.Tensor, int], torch.Tensor]] = {
     2: lambda p, n: _unpack_sub_byte(p, n, 2),
-    3: _unpack3,
+    3: lambda p, n: _unpack_words(p, n, 3),
     4: lambda p, n: _unpack_sub_byte(p, n, 4),
+    5: lambda p, n: _unpack_words(p, n, 5),
+    6: lambda p, n: _unpack_words(p, n, 6),
     8: _unpack8,
 }
 
