@@ -321,9 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--budget", choices=["small", "full", "smoke"], default="small",
                    help="small: subsets + 100 steps (3.2 h on 2 CPU cores, docs/RESULTS.md); full: everything (a GPU); smoke: minutes")
     r.add_argument("--suite", choices=["paper", "methods", "tasks"], default="paper",
-                   help="paper: Table 1 rows, evaluated; methods: every exact method vs QA-LoRA and QLoRA w/ GPTQ "
-                        "on the held-out instruction loss; tasks: task-specific tuning, scored on held-out items, "
-                        "compared paired")
+                   help="paper: Table 1 rows at the original code's one rate, evaluated; methods: every exact method "
+                        "vs QA-LoRA and QLoRA w/ GPTQ on the held-out instruction loss, each at its default rate; "
+                        "tasks: task-specific tuning, each row at its own rate chosen on a validation part of the "
+                        "training items, scored on held-out items, compared paired")
     r.add_argument("--grids", nargs="+", default=None,
                    help="--suite methods/tasks: only these grids (int4-g64 int3-g32 int2-g32; default all)")
     r.add_argument("--tasks", nargs="+", default=None,
