@@ -516,3 +516,31 @@ def test_learning_rates_doc_quotes_its_measurements():
     figure = f"{100 * sst2['acc']['value']:.1f} ± {100 * sst2['acc']['stderr']:.1f}"
     for text, where in ((doc, "docs/LEARNING_RATES.md"), (README, "README")):
         assert figure in text and "default_rate-sst2-qalora-int4-g64.json" in text, f"{where} lacks {figure}"
+
+
+# ----------------------------------------------------------------------------- docs/RESULTS_TASKS.md
+
+def test_results_tasks_is_what_the_report_renders_from_tasks_json():
+    """The task suite's report (rates chosen on validation) is exactly what ``write_task_docs``
+    renders from the committed ``docs/tasks.json``: no figure in it is typed by hand."""
+    from qalora.reproduce.tasks_report import PLOT_FILE, tasks_markdown
+
+    js = load("docs/tasks.json")
+    md = (ROOT / "docs" / "RESULTS_TASKS.md").read_text()
+    assert md == tasks_markdown(js, js["command"], plot=PLOT_FILE) + "\n"
+    assert js.get("selection"), "docs/tasks.json holds no rate-selection points"
+    tuned = [r for r in js["rows"] if r.get("method") and not (r["row"] == "lota")]
+    assert tuned and all(r.get("lr") for r in tuned), "a tuned row of docs/tasks.json records no rate"
+
+
+def test_learning_rates_doc_quotes_the_sst2_sweep():
+    """The SST-2 validation curve and the chosen row quoted in docs/LEARNING_RATES.md are
+    docs/tasks.json's."""
+    doc = (ROOT / "docs" / "LEARNING_RATES.md").read_text()
+    js = load("docs/tasks.json")
+    points = sorted((p for p in js["selection"] if p["task"] == "sst2" and p["row"] == "qalora"), key=lambda p: p["lr"])
+    curve = " / ".join(f"{100 * p['acc']['value']:.1f}" for p in points)
+    rates = " / ".join(f"{p['lr']:.0e}".replace("e-0", "e-") for p in points)     # 0.003 -> 3e-3
+    assert f"{curve} % at {rates}" in doc.replace("\n", " "), (curve, rates)
+    row = next(r for r in js["rows"] if r["id"] == "sst2-qalora-int4-g64")
+    assert f"{100 * row['acc']['value']:.1f} ± {100 * row['acc']['stderr']:.1f}" in doc

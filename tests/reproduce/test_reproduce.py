@@ -427,3 +427,16 @@ def test_training_time_counts_each_adapter_once():
             r("arithmetic", "qlora", "qlora", None, 50.0), {"task": "sst2", "row": "base", "method": None,
                                                             "bits": None, "group_size": None}]
     assert training_seconds(rows) == 100.0 + 10.0 + 20.0 + 30.0 + 50.0
+
+
+def test_rate_selection_time_counts_each_adapter_once():
+    """The QLoRA rows' validation points at one rate share one adapter; each exact row's are its own."""
+    from qalora.reproduce.tasks_report import selection_seconds
+
+    def p(row, lr, secs, task="sst2"):
+        return {"task": task, "row": row, "lr": lr, "train_seconds": secs}
+
+    points = [p("qlora", 1e-3, 100.0), p("qlora+rtn", 1e-3, 100.0), p("qlora+gptq", 1e-3, 100.0),
+              p("qlora", 1e-2, 90.0), p("qalora", 1e-3, 10.0), p("qalora+scales", 1e-3, 30.0),
+              p("qalora", 1e-3, 40.0, task="arithmetic"), {"task": "sst2", "row": "peqa", "lr": 1e-3}]
+    assert selection_seconds(points) == 100.0 + 90.0 + 10.0 + 30.0 + 40.0

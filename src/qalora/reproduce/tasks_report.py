@@ -82,6 +82,19 @@ def training_seconds(rows: list[dict]) -> float:
     return sum(seen.values())
 
 
+def selection_seconds(points: list[dict]) -> float:
+    """Seconds of training behind the rate-selection ``points``, each adapter counted once (the
+    QLoRA rows' points at one rate share one adapter)."""
+    method = {r.name: r.method for r in TASK_ROWS}
+    seen: dict[tuple, float] = {}
+    for p in points:
+        if p.get("train_seconds") is not None:
+            m = method.get(p["row"], p["row"])
+            key = (p["task"], m, p["lr"], None if m in ("lora", "qlora") else p["row"])
+            seen.setdefault(key, p["train_seconds"])
+    return sum(seen.values())
+
+
 def _pct(est: dict) -> str:
     if est.get("stderr") is None:
         return f"{100 * est['value']:.1f}"
@@ -176,8 +189,12 @@ def tasks_markdown(summary: dict, command: str, plot: str | None = None) -> str:
     score = sum(r.get("eval_seconds") or 0.0 for r in rows)
     unrecorded = sum(1 for r in rows if r.get("method") and "train_seconds" not in r)
     missing = f" + {unrecorded} tuned rows that did not record it" if unrecorded else ""
+    points = summary.get("selection", [])
+    chose = (f"; choosing the rates: {len(points)} validation runs, training "
+             f"{selection_seconds(points) / 3600:.2f} h, scoring "
+             f"{sum(p.get('eval_seconds') or 0.0 for p in points) / 3600:.2f} h" if points else "")
     lines += [f"Machine: {m['processor']}, {m['cpus']} CPUs, torch {m['torch']}. Recorded time of the rows: "
-              f"training {train / 3600:.2f} h{missing}, held-out scoring {score / 3600:.2f} h (this call "
+              f"training {train / 3600:.2f} h{missing}, held-out scoring {score / 3600:.2f} h{chose} (this call "
               f"{summary['seconds_this_call'] / 3600:.2f} h; cached rows are read back, not recomputed).", ""]
     if plot:
         lines += [f"![held-out accuracy vs bits per method]({plot})", ""]
