@@ -21,6 +21,20 @@ def test_buffers_not_parameters_and_state_dict_roundtrip():
     assert torch.equal(fresh.quantized_weight().codes(), codes)
 
 
+@pytest.mark.parametrize("bits, group", [(5, 32), (6, 16)])
+def test_imported_widths_compute_scale_q_plus_offset(bits, group):
+    """5- and 6-bit codes (GGUF Q5_*, Q6_K; groups of 16 for Q6_K) are stored packed and computed
+    as ``scale * q + offset`` by the reference kernel (fp32 GEMM against the naive weight)."""
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2**bits, (24, 64), generator=g, dtype=torch.uint8)
+    scale, offset = torch.rand(24, 64 // group, generator=g) * 0.01, torch.randn(24, 64 // group, generator=g) * 0.1
+    layer = QuantLinear.from_quantized(QuantizedWeight.from_codes(codes, scale, offset, bits, group), None)
+    assert layer.bits == bits and layer.kernel == "auto" and torch.equal(layer.quantized_weight().codes(), codes)
+    naive = (codes.float().reshape(24, -1, group) * scale[..., None] + offset[..., None]).reshape(24, 64)
+    x = torch.randn(3, 64, generator=g)
+    torch.testing.assert_close(layer(x), x @ naive.t(), rtol=0, atol=1e-6)  # fp32 GEMM order only
+
+
 def test_invalid_kernel_name():
     with pytest.raises(ValueError, match="kernel 'fast' is unknown"):
         QuantLinear(64, 32, 4, 32, kernel="fast")

@@ -8,8 +8,8 @@ from torch import nn
 from qalora.kernels.reference import dequantized_weight
 from qalora.kernels.registry import KERNEL_CHOICES, select_kernel
 from qalora.nn.frozen import frozen_linear
-from qalora.quant.packing import packed_len
-from qalora.quant.qparams import check_bits, check_group_size
+from qalora.quant.packing import check_bits, packed_len  # every stored width (imports: 5, 6)
+from qalora.quant.qparams import check_group_size
 from qalora.quant.weight import QuantizedWeight
 
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from qalora.quant.packing import pack, packed_len, unpack
-from qalora.quant.qparams import check_bits, check_group_size, dequantize
+from qalora.quant.packing import check_bits, pack, packed_len, unpack  # every stored width (imports: 5, 6)
+from qalora.quant.qparams import check_group_size, dequantize
 
 
 @dataclass
