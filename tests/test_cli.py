@@ -34,6 +34,9 @@ def run(*args, cwd=None):
     (["reproduce", "--paper-rows", "dora", "--out", "r"], "paper row 'dora' is unknown; use: base, lora, qlora"),
     (["reproduce", "--suite", "methods", "--paper-rows", "qalora", "--out", "r"], "--paper-rows applies to --suite paper only"),
     (["reproduce", "--paper-rows", "qalora", "--notes", "n.md", "--out", "r"], "--notes applies to a whole paper report"),
+    (["import", "--model", "weights.bin", "--out", "c"], "--model 'weights.bin' is not a .gguf file"),
+    (["export", "--model", "c", "--format", "mlx", "--like", "s.gguf", "--out", "o"],
+     "--like applies to --format gguf without --fallback"),
     (["merge", "--model", "q", "--adapter", "a", "--out", "m", "--bits", "2"],
      "--bits and --group-size apply with --requantize only"),
     (["merge", "--model", "q", "--adapter", "a", "--out", "m", "--requantize", "gptq", "--tolerance", "1e-3"],
@@ -67,6 +70,20 @@ def test_not_a_checkpoint(tmp_path, capsys):
     (tmp_path / "m").mkdir()
     assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "hi"]) == 2
     assert "has no config.json" in capsys.readouterr().err
+
+
+@pytest.mark.embedded
+def test_import_then_export_like_gives_the_gguf_back_byte_for_byte(tmp_path, capsys):
+    from qalora.default_model import gguf_path
+
+    src = gguf_path()
+    assert main(["import", "--model", str(src), "--out", str(tmp_path / "c"), "--quiet"]) == 0
+    assert main(["export", "--model", str(tmp_path / "c"), "--like", str(src), "--out", str(tmp_path / "b.gguf")]) == 0
+    assert "0 tensors re-encoded" in capsys.readouterr().out
+    assert (tmp_path / "b.gguf").read_bytes() == src.read_bytes()
+    # never over an existing file
+    assert main(["export", "--model", str(tmp_path / "c"), "--like", str(src), "--out", str(tmp_path / "b.gguf")]) == 2
+    assert "already exists" in capsys.readouterr().err
 
 
 def test_an_unreadable_model_config_is_refused_in_one_short_line(tmp_path, capsys):

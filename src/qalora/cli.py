@@ -83,6 +83,22 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_import(args) -> int:
+    from qalora.formats.gguf_import import import_gguf
+    from qalora.io import check_new_output
+
+    src = Path(args.model).expanduser()
+    if not src.is_file() or src.suffix.lower() != ".gguf":
+        raise QaloraError(f"--model {args.model!r} is not a .gguf file; qalora import reads GGUF files "
+                          "(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K projections)")
+    check_new_output(args.out)
+    meta = import_gguf(src, args.out, progress=not args.quiet)
+    types = ", ".join(f"{n} {t}" for t, n in sorted(meta["gguf_types"].items()))
+    print(f"wrote {args.out}: {len(meta['layers'])} projections kept in their GGUF types ({types}), nothing "
+          f"re-quantized; export it back with: qalora export --model {args.out} --like {args.model} --out FILE.gguf")
+    return 0
+
+
 def cmd_merge(args) -> int:
     if args.requantize:
         from qalora.config import QuantConfig
@@ -299,6 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"with --requantize: group size (default {QuantConfig.group_size})")
     m.add_argument("--quiet", action="store_true")
     m.set_defaults(func=cmd_merge)
+
+    im = sub.add_parser("import", help="a quantized GGUF (llama.cpp) as a qalora checkpoint, its codes, scales and "
+                                       "offsets kept as they are (no re-quantization), ready to train in place")
+    im.add_argument("--model", required=True, help="a .gguf file of a llama, mistral, qwen2 or qwen3 model")
+    im.add_argument("--out", required=True, help="new checkpoint folder")
+    im.add_argument("--quiet", action="store_true")
+    im.set_defaults(func=cmd_import)
 
     from qalora.export.command import add_export_parser
 

@@ -5,6 +5,7 @@
     qalora export --model CKPT --format mlx --out DIR                 # mlx-lm
     qalora export --adapter ADIR --format peft --out DIR --base-out BASE   # PEFT LoRA + its dense base
     qalora export --adapter ADIR --format gguf-lora --out adapter.gguf     # llama.cpp --lora
+    qalora export --model CKPT --like SOURCE.gguf --out model.gguf    # a `qalora import`ed GGUF, in its own types
 
 The checkpoint formats export ``--model``; the adapter formats export ``--adapter`` on its own
 (unmerged serving), ``--model`` then naming the base it was trained on (default: the one its
@@ -48,6 +49,9 @@ def add_export_parser(sub) -> argparse.ArgumentParser:
     x.add_argument("--fallback", choices=["f16"], default=None,
                    help="write layers Q4_1 cannot hold exactly (8-bit, groups not a multiple of 32) as F16, "
                         "reporting their error; default: refuse")
+    x.add_argument("--like", default=None,
+                   help="--format gguf, a checkpoint from qalora import: write the source GGUF back with each "
+                        "projection in its own type and every other byte as it was")
     x.add_argument("--quiet", action="store_true")
     x.set_defaults(func=cmd_export)
     return x
@@ -64,6 +68,8 @@ def check_options(args) -> None:
         held = {"mlx": "the mlx format holds every layer it accepts", "torchao": "the torchao format holds every layer"}
         raise QaloraError(f"--fallback applies to --format gguf only; "
                           f"{held.get(fmt, 'an adapter export writes fp32 LoRA tensors')}")
+    if getattr(args, "like", None) is not None and (fmt != "gguf" or args.fallback is not None):
+        raise QaloraError("--like applies to --format gguf without --fallback: the source's own types are written")
     if (args.base_out is not None or args.base_name is not None) and fmt != "peft":
         raise QaloraError("--base-out and --base-name apply to --format peft only")
     if fmt in ADAPTER_FORMATS and args.adapter is None:
@@ -88,6 +94,14 @@ def cmd_export(args) -> int:
         from qalora.export.torchao import export_torchao
 
         export_torchao(args.model, args.out, **({"layout": args.layout} if args.layout else {}), progress=progress)
+    elif args.format == "gguf" and args.like is not None:
+        from qalora.formats.gguf_import import export_like
+        from qalora.io import check_new_output
+
+        check_new_output(args.out)
+        r = export_like(args.model, args.like, args.out)
+        print(f"wrote {args.out}: {len(r['rewritten'])} tensors re-encoded in their own types, {r['kept']} kept "
+              f"byte for byte ({r['size']:,} bytes, sha256 {r['sha256'][:12]}…)")
     elif args.format == "gguf":
         from qalora.export.gguf import export_gguf
 
