@@ -84,6 +84,8 @@ class LoraConfig:
         train_scales: also train the scales (``qalora``, ``lota``): PEQA / E2E-QP style.
         with_qalora: ``lota`` only: add QA-LoRA offsets beside the ternary code updates.
         lota_omega: LoTA's threshold ω on ``B_T A_T`` (default ``0.75 * rank``, the paper's 48 at r = 64).
+        lota_codes_only: LoTA moves the codes only (``mu = 0``: offsets untouched), so it fits a storage
+            form that cannot hold a float offset (GGUF's tied-zero and K-quant types).
     """
 
     rank: int = field(default=64, metadata={"help": "adapter rank r"})
@@ -93,6 +95,9 @@ class LoraConfig:
     train_scales: bool = field(default=False, metadata={"help": "also train the per-group scales (qalora, lota)"})
     with_qalora: bool = field(default=False, metadata={"help": "lota: add QA-LoRA offsets"})
     lota_omega: float | None = field(default=None, metadata={"help": "lota threshold on B_T A_T (default 0.75 x rank)"})
+    lota_codes_only: bool = field(default=False, metadata={"help": "lota: move codes only, no float remainder on the "
+                                                                   "offsets (for files whose offsets are tied to the "
+                                                                   "scale, e.g. an imported GGUF)"})
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or self.rank < 1:

@@ -203,3 +203,22 @@ def test_triple_backward_matches_autograd_on_the_dense_weight():
     torch.testing.assert_close(x1.grad, x2.grad, rtol=0, atol=1e-12)  # fp64, same math
     for n in g1:
         torch.testing.assert_close(g1[n], g2[n], rtol=0, atol=1e-10, msg=n)
+
+
+def test_lota_codes_only_moves_codes_and_leaves_scale_and_offset_bit_for_bit():
+    """``lota_codes_only``: the forward is ``scale * (q + m) + offset`` and the merge writes only
+    ``q' = q + m``: scale and offset stay the base's exact bytes (a form whose offsets are tied)."""
+    base = quant_layer()
+    layer = AdaptedLinear(base, ("lota",), LoraConfig(rank=8, alpha=16, lota_omega=2.0, lota_codes_only=True))
+    randomize(layer)
+    merged = merge_layer(layer)
+    dq = merged.quantized_weight().codes().short() - base.quantized_weight().codes().short()
+    assert dq.abs().max() == 1 and (dq != 0).float().mean() > 0.01
+    assert torch.equal(merged.offset, base.offset) and torch.equal(merged.scale, base.scale)
+    x = torch.randn(5, 128, dtype=torch.float64)
+    with float64(layer, merged):
+        torch.testing.assert_close(merged(x), layer(x), rtol=0, atol=1e-9)   # one fp64 weight, two GEMM orders
+    with pytest.raises(QaloraError, match="--lota-codes-only applies to method 'lota', not 'qalora'"):
+        from qalora.adapters.methods import method_kinds
+
+        method_kinds("qalora", LoraConfig(lota_codes_only=True))

@@ -42,7 +42,8 @@ def lora_config_of(cfg: dict):
     kinds = set(cfg["kinds"])
     return LoraConfig(rank=cfg["rank"], alpha=cfg["alpha"], dropout=cfg.get("dropout", 0.0), targets=cfg["targets"],
                       train_scales="scales" in kinds and cfg["method"] != "peqa",
-                      with_qalora="qalora" in kinds and cfg["method"] == "lota", lota_omega=cfg.get("lota_omega"))
+                      with_qalora="qalora" in kinds and cfg["method"] == "lota", lota_omega=cfg.get("lota_omega"),
+                      lota_codes_only=bool(cfg.get("lota_codes_only", False)))
 
 
 def state_counts(state: dict[str, torch.Tensor], ternary: set[str]) -> dict:

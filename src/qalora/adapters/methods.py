@@ -74,4 +74,6 @@ def method_kinds(method: str, lora) -> tuple[str, ...]:
                 raise QaloraError(f"--{flag.replace('_', '-')} does not apply to method {method!r} "
                                   f"(its switches: {takes})")
             kinds.append(kind)
+    if getattr(lora, "lota_codes_only", False) and "lota" not in kinds:
+        raise QaloraError(f"--lota-codes-only applies to method 'lota', not {method!r}")
     return ordered(kinds)

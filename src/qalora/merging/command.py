@@ -30,6 +30,16 @@ from qalora.safetensors_file import SafetensorsFile
 
 REPORT_FILE = "merge_report.json"
 
+def _copy_sidecars(model_dir: Path, tmp: Path, meta: dict) -> None:
+    """A checkpoint imported from a file keeps that file's storage form beside its weights
+    (``formats.gguf_import``: the sidecars its ``qalora.json`` records by SHA-256): the merged
+    checkpoint carries them on, so it can be written back like its source."""
+    import shutil
+
+    for name in (meta.get("gguf_source") or {}).get("sidecars", {}):
+        shutil.copyfile(model_dir / name, tmp / name)
+
+
 def _check_compatible(cfg: dict, meta: dict, adir: Path, model_dir: Path) -> None:
     """Refuse an adapter that cannot merge exactly into this checkpoint, naming what differs."""
     lossy = [k for k in cfg["kinds"] if not get_kind(k).exact]
@@ -186,6 +196,7 @@ def merge(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out: str
               "base_sha256": weights_sha256(meta)}
     # checkpoint and report land together: one staging folder, renamed to ``out`` or deleted
     with atomic_dir(out) as tmp:
+        _copy_sidecars(model_dir, tmp, new_meta)
         write_checkpoint(merged, tokenizer, tmp, new_meta, files)
         write_json(tmp / REPORT_FILE, report)
     if progress:

@@ -259,7 +259,7 @@ def train(model: str | os.PathLike | None, out: str | os.PathLike, cfg: TrainCon
     state = _whole_adapter_state(net)
     config = {"method": cfg.method, "kinds": list(kinds), "rank": lora.rank,
               "alpha": lora.alpha, "dropout": lora.dropout, "targets": list(lora.targets),
-              "lota_omega": _lota_omega(net), "modules": names,
+              "lota_omega": _lota_omega(net), "lota_codes_only": lora.lota_codes_only, "modules": names,
               "group_size": base.group_size if cfg.method != "lora" else None,
               "base_bits": base.bits, "base_path": base.path, "base_sha256": base.sha256,
               **state_counts(state, ternary_parameter_names(net)), "steps": cfg.steps, "train_config": cfg.to_dict(),

@@ -18,6 +18,9 @@ through ``mu`` (``m`` is detached there), as in the reference code. The merge is
     q'      = q + m                                         # every code moves by -1, 0 or +1, in range
     offset' = offset + scale * mu                           # scale unchanged
 
+Codes only (``lota_codes_only``): ``mu = 0``, so the merge writes ``q' = q + m`` and leaves the
+offsets (and scales) bit-identical: the form for storage that cannot hold a float offset.
+
 Initialisation: ``A_T`` = Kaiming-normal ternarised at ``0.75 * mean|A|``, ``B_T = 0``, so the
 adapter starts as a no-op (``dW = 0``, ``m = 0``, ``mu = 0``).
 """
@@ -45,6 +48,7 @@ def build(layer, config) -> None:
     layer.lota_A = nn.Parameter(ternarize(a))
     layer.lota_B = nn.Parameter(torch.zeros(layer.out_features, config.rank))
     layer.lota_omega = float(config.lota_omega if config.lota_omega is not None else OMEGA_FRACTION * config.rank)
+    layer.lota_codes_only = bool(getattr(config, "lota_codes_only", False))
 
 
 def code_moves(dw: torch.Tensor, codes: torch.Tensor, omega: float, bits: int) -> torch.Tensor:
@@ -63,6 +67,8 @@ def transform(layer, t: Triple) -> Triple:
     m_ste = m + (dw - dw.detach())                                              # value m, gradient of dw
     out_f, in_f = dw.shape
     L = t.group_size
+    if layer.lota_codes_only:                   # codes move, offsets stay bit for bit
+        return Triple(t.codes + m_ste, t.scale, t.offset, L)
     mu = ((dw - layer.lota_omega * m) / layer.lota_omega).reshape(out_f, in_f // L, L).mean(-1)  # [out, G]
     return Triple(t.codes + m_ste, t.scale, t.offset + t.scale * mu, L)
 
