@@ -24,7 +24,7 @@ def run(*args, cwd=None):
     (["train", "--out", "a", "--method", "dora"], "method 'dora' is unknown; use one of qalora, peqa, lota, qlora, lora"),
     (["train", "--out", "a", "--method", "lota", "--lota-omega", "0"], "lota_omega 0.0 must be positive"),
     (["train", "--out", "a", "--tsign-start", "0.99", "--tsign-mid", "0.9"], "t-SignSGD quantiles 0.99, 0.9, 0.9999 must rise"),
-    (["reproduce", "--cached-only", "--out", "r"], "--cached-only applies to --suite methods only"),
+    (["reproduce", "--cached-only", "--out", "r"], "--cached-only applies to --suite methods and tasks only"),
     (["reproduce", "--suite", "methods", "--grids", "int3", "--out", "r"], "grid 'int3' is not of the form intB-gG"),
     (["reproduce", "--suite", "methods", "--grids", "int5-g32", "--out", "r"], "grid int5-g32 is not one of the methods"),
     (["reproduce", "--tasks", "sst2", "--out", "r"], "--tasks and --task-rows apply to --suite tasks only"),

@@ -195,8 +195,8 @@ def cmd_reproduce(args) -> int:
         from qalora.reproduce.grids import parse_grid
 
         grids = [parse_grid(g) for g in args.grids]
-    if args.cached_only and args.suite != "methods":
-        raise QaloraError("--cached-only applies to --suite methods only")
+    if args.cached_only and args.suite == "paper":
+        raise QaloraError("--cached-only applies to --suite methods and tasks only")
     if args.method_rows and args.suite != "methods":
         raise QaloraError("--method-rows applies to --suite methods only")
     if (args.tasks or args.task_rows) and args.suite != "tasks":
@@ -364,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "qlora+gptq qalora); with --docs they are set beside docs/results.json's rows in "
                         "results-rerun-<methods>.json, which stays as it is")
     r.add_argument("--cached-only", action="store_true",
-                   help="--suite methods: report the rows already computed in --out, build nothing")
+                   help="--suite methods / tasks: report the rows (and rate-selection points) already computed in "
+                        "--out, build nothing")
     r.add_argument("--out", default="qalora-reproduce", help="work folder (bases, adapters, models, row results)")
     r.add_argument("--docs", default=None, help="also write RESULTS.md, results.json, results.png into this folder")
     r.add_argument("--notes", default=None, help="a Markdown file appended to RESULTS.md as its discussion")

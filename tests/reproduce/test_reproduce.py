@@ -262,6 +262,11 @@ def test_tasks_suite_smoke(tmp_path):
     assert "(results_tasks.png)" in written[2].read_text()
     again = reproduce(tmp_path / "out", "smoke", str(tmp_path / "fp"), **kw)
     assert again["rows"] == s["rows"]
+    # a run still going is reported from what is computed, nothing built (here: everything, and a
+    # grid never built gives no row)
+    seen = reproduce(tmp_path / "out", "smoke", str(tmp_path / "fp"), **{**kw, "grids": [(2, 32), (3, 32)]},
+                     cached_only=True)
+    assert seen["rows"] == s["rows"] and seen["selection"] == s["selection"]
     with pytest.raises(QaloraError, match="task 'nope' is not a tuning task"):
         reproduce(tmp_path / "out", "smoke", str(tmp_path / "fp"), **{**kw, "tasks": ["nope"]})
     with pytest.raises(QaloraError, match="task row 'x' is unknown"):

@@ -138,6 +138,14 @@ def seed_points(root: Path, points: list[dict]) -> int:
     return wrote
 
 
+def cached_points(ws, task: str, row, tb) -> list[dict]:
+    """The row's rate-selection points already in the work folder (none for a row without a rate)."""
+    if not has_rate(row):
+        return []
+    paths = [ws.root / "rows" / f"tasks-{selection_id(task, row, select_grid(row), lr)}.json" for lr in tb.rates]
+    return [read_json(p, "rate selection point") for p in paths if p.is_file()]
+
+
 def choose(points: list[dict]) -> float:
     """The rate of the point with the highest validation accuracy of its reported metric; ties go
     to the lower rate."""

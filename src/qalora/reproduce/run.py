@@ -330,7 +330,7 @@ def reproduce(out: str | os.PathLike = "qalora-reproduce", budget: str = "small"
                                "methods-" + "-".join(grid_name(b, g).replace("-", "") for b, g in grids) + ".json"), summary)
         return summary
     if suite == "tasks":
-        return _tasks_suite(ws, plan, b.name, tasks, task_rows, grids, limit, progress)
+        return _tasks_suite(ws, plan, b.name, tasks, task_rows, grids, limit, progress, cached_only)
     rows = rows if rows is not None else plan_rows()
     if paper_rows is not None:
         rows = [r for r in rows if r.method in paper_rows]
@@ -383,16 +383,18 @@ def _check_suite_args(suite: str, grids, tasks, task_rows, method_rows=None) -> 
     return grids
 
 
-def _tasks_suite(ws, plan: dict, budget: str, tasks, task_rows, grids, limit, progress) -> dict:
+def _tasks_suite(ws, plan: dict, budget: str, tasks, task_rows, grids, limit, progress, cached_only=False) -> dict:
     from qalora.reproduce.tasks import TASK_ROWS, run_tasks
     from qalora.reproduce.tasks_report import comparisons
 
     tasks = list(tasks or DEFAULT_TASKS)
     rows = [r for r in TASK_ROWS if task_rows is None or r.name in task_rows]
     t0 = time.time()
-    done, points = run_tasks(ws, budget, tasks, grids, rows, say=lambda m: _say(m, progress), limit=limit)
+    done, points = run_tasks(ws, budget, tasks, grids, rows, say=lambda m: _say(m, progress), limit=limit,
+                             cached_only=cached_only)
     summary = {**plan, "suite": "tasks", "tasks": tasks, "grids": grid_names(grids),
                "machine": machine(), "rows": done, "selection": points, "comparisons": comparisons(done),
                "seconds_this_call": round(time.time() - t0, 1)}
-    write_json(ws.root / "tasks.json", summary)
+    if not cached_only:
+        write_json(ws.root / "tasks.json", summary)
     return summary

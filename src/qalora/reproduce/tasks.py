@@ -197,11 +197,13 @@ def task_row(ws, task: str, row: TaskRow, grid, data: Path, heldout, tb: TaskBud
     return rec
 
 
-def run_tasks(ws, budget: str, tasks, grids=GRIDS, rows=TASK_ROWS, say=print,
-              limit: int | None = None) -> tuple[list[dict], list[dict]]:
+def run_tasks(ws, budget: str, tasks, grids=GRIDS, rows=TASK_ROWS, say=print, limit: int | None = None,
+              cached_only: bool = False) -> tuple[list[dict], list[dict]]:
     """``(held-out rows, rate-selection points)`` of every row of every task (built, or read
-    back); each tuned row first chooses its rate (:mod:`qalora.reproduce.rates`)."""
-    from qalora.reproduce.rates import choose_rate, prepare_selection
+    back); each tuned row first chooses its rate (:mod:`qalora.reproduce.rates`).
+    ``cached_only``: the rows and points already computed in the work folder, nothing built (to
+    report a run that is still going)."""
+    from qalora.reproduce.rates import cached_points, choose_rate, prepare_selection
 
     if budget not in TASK_BUDGETS:
         raise QaloraError(f"budget {budget!r} has no task settings; use one of: {', '.join(TASK_BUDGETS)}")
@@ -211,6 +213,11 @@ def run_tasks(ws, budget: str, tasks, grids=GRIDS, rows=TASK_ROWS, say=print,
         data, heldout, train_items = prepare_task(ws, task, tb, limit)
         sel = prepare_selection(ws, task, train_items, tb.validation)
         for row in rows:
+            if cached_only:
+                points += cached_points(ws, task, row, tb)
+                done += [read_json(f, "row result") for grid in (grids if row.grid else [None])
+                         if (f := ws.root / "rows" / f"tasks-{row_id(task, row, grid)}.json").is_file()]
+                continue
             lr, mine = choose_rate(ws, task, row, sel, tb, say=say)
             points += mine
             for grid in (grids if row.grid else [None]):
