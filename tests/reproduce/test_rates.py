@@ -65,3 +65,14 @@ def test_points_of_an_earlier_report_are_chosen_from_without_training(tmp_path):
     assert lr == 1e-2 and [p["lr"] for p in used] == [1e-3, 1e-2]
     lota = next(r for r in TASK_ROWS if r.name == "lota")
     assert choose_rate(ws, "sst2", lota, sel=None, tb=tb) == (None, [])
+
+
+def test_the_selection_table_bolds_a_rate_only_once_every_rate_is_in():
+    from qalora.reproduce.tasks_report import selection_lines
+
+    def p(row, lr, v):
+        return {"task": "sst2", "row": row, "label": row, "lr": lr, "reported": "acc", "acc": {"value": v, "n": 150}}
+
+    summary = {"selection": [p("qalora", 1e-3, 0.8), p("qalora", 1e-2, 0.9), p("peqa", 1e-3, 0.7)]}
+    lines = selection_lines(summary, "sst2")
+    assert "| qalora | 80.0 | **90.0** |" in lines and "| peqa (still choosing) | 70.0 | - |" in lines

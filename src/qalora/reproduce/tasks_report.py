@@ -154,7 +154,8 @@ def _rate(r: dict) -> str:
 
 def selection_lines(summary: dict, task: str) -> list[str]:
     """The rate-selection table of ``task``: validation accuracy (%) per row and rate, the chosen
-    (highest; ties to the lower rate) in bold; rows without a rate are not listed."""
+    (highest; ties to the lower rate) in bold once every rate is in; rows without a rate are not
+    listed."""
     points = [p for p in summary.get("selection", []) if p["task"] == task]
     if not points:
         return []
@@ -167,13 +168,14 @@ def selection_lines(summary: dict, task: str) -> list[str]:
              "| row | " + " | ".join(f"{lr:g}" for lr in rates) + " |", "|---|" + "---|" * len(rates)]
     for name in dict.fromkeys(p["row"] for p in points):
         mine = [by[(name, lr)] for lr in rates if (name, lr) in by]
-        best = max(mine, key=lambda p: (p[p["reported"]]["value"], -p["lr"]))
+        done = len(mine) == len(rates)      # a row still choosing gets no bold: nothing is chosen yet
+        best = max(mine, key=lambda p: (p[p["reported"]]["value"], -p["lr"])) if done else None
         cells = []
         for lr in rates:
             p = by.get((name, lr))
             v = "-" if p is None else f"{100 * p[p['reported']]['value']:.1f}"
-            cells.append(f"**{v}**" if p is best else v)
-        lines.append(f"| {mine[0]['label']} | " + " | ".join(cells) + " |")
+            cells.append(f"**{v}**" if p is not None and p is best else v)
+        lines.append(f"| {mine[0]['label']}{'' if done else ' (still choosing)'} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
