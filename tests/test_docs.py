@@ -544,3 +544,7 @@ def test_learning_rates_doc_quotes_the_sst2_sweep():
     assert f"{curve} % at {rates}" in doc.replace("\n", " "), (curve, rates)
     row = next(r for r in js["rows"] if r["id"] == "sst2-qalora-int4-g64")
     assert f"{100 * row['acc']['value']:.1f} ± {100 * row['acc']['stderr']:.1f}" in doc
+    from qalora.reproduce.rates import choose
+
+    peqa = [p for p in js["selection"] if p["task"] == "sst2" and p["row"] == "peqa"]
+    assert "PEQA chose 3e-4" in doc and len(peqa) == 5 and choose(peqa) == 3e-4
