@@ -548,3 +548,16 @@ def test_learning_rates_doc_quotes_the_sst2_sweep():
 
     peqa = [p for p in js["selection"] if p["task"] == "sst2" and p["row"] == "peqa"]
     assert "PEQA chose 3e-4" in doc and len(peqa) == 5 and choose(peqa) == 3e-4
+    lora = [p for p in js["selection"] if p["task"] == "sst2" and p["row"] == "lora"]
+    assert "LoRA chose 3e-4" in doc and len(lora) == 5 and choose(lora) == 3e-4
+
+
+def test_readme_quotes_the_rerun_rows_as_tasks_json_holds_them():
+    js = {r["id"]: r for r in load("docs/tasks.json")["rows"]}
+    head = README[:README.index("## Two commands")]
+    for rid, rate in (("sst2-lora", "3e-4"), ("sst2-peqa-int4-g64", "3e-4"), ("sst2-qalora-int4-g64", "3e-3")):
+        r = js[rid]
+        assert f"{r['lr']:.0e}".replace("e-0", "e-") == rate, rid
+        assert f"{100 * r['acc']['value']:.1f} ± {100 * r['acc']['stderr']:.1f} (at {rate})" in head.replace(
+            "\n", " ") or f"{100 * r['acc']['value']:.1f} ± {100 * r['acc']['stderr']:.1f} ({rate})" in \
+            head.replace("\n", " "), rid
