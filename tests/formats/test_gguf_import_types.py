@@ -9,7 +9,7 @@ qalora's own exporter (so the tokenizer and config metadata are right), and rewr
 
 - Q4_0, Q5_0, Q5_1, Q8_0: ``gguf.quants.quantize`` of the exported Q4_1 weights, dequantized;
 - Q4_K, Q5_K, Q6_K: seeded random block bytes (gguf-py has no K-quant quantizer) with finite,
-  small fp16 ``d``/``dmin`` (one zero ``d``; byte offsets ``FP16_AT`` of ``test_gguf_types``);
+  small fp16 ``d``/``dmin`` (one zero ``d``; built by ``test_gguf_types._random_raw``);
 - mixed: llama.cpp's Q4_K_M-like mix: Q4_K for attn_q/k/output and ffn_gate/up, Q6_K for attn_v
   and ffn_down in block 0; block 1 has Q5_K attn_v and Q8_0 ffn_down.
 
@@ -30,9 +30,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_llama, tiny_tokenizer
-from formats.test_gguf_types import FP16_AT
+from formats.test_gguf_types import _random_raw
 from gguf import GGMLQuantizationType
-from gguf.constants import GGML_QUANT_SIZES
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
@@ -64,22 +63,10 @@ def qtype(case: str, block: int, part: str) -> str:
     return MIXED[block].get(part, "Q4_K") if case == "mixed" else case
 
 
-def _random_k_raw(name: str, rows: int, cols: int, seed: int) -> np.ndarray:
-    """Random valid block bytes ``[rows, bytes_per_row]``, fp16 fields finite and ~1e-4 (one 0)."""
-    bw, bb = GGML_QUANT_SIZES[GGMLQuantizationType[name]]
-    rng = np.random.default_rng(seed)
-    blocks = rng.integers(0, 256, size=(rows, cols // bw, bb), dtype=np.uint8)
-    for at in FP16_AT[name]:
-        vals = (rng.standard_normal((rows, cols // bw)) * 1e-4).astype("<f2")
-        vals[0, 0] = 0.0
-        blocks[..., at:at + 2] = vals[..., None].view(np.uint8)
-    return blocks.reshape(rows, -1)
-
-
 def _projection_raw(name: str, reader_tensor, type_name: str, seed: int) -> np.ndarray:
     rows, cols = (int(d) for d in reversed(reader_tensor.shape))  # GGUF dims are innermost first
     if type_name in KQUANT:
-        return _random_k_raw(type_name, rows, cols, seed)
+        return _random_raw(type_name, rows, cols, seed, size=1e-4)
     w = gguf_dequantize(reader_tensor.data, reader_tensor.tensor_type).reshape(rows, cols).astype(np.float32)
     return gguf_quantize(w, GGMLQuantizationType[type_name])
 

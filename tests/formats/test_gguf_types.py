@@ -26,13 +26,14 @@ def _seed(*parts) -> int:
     return sum(ord(c) for c in "".join(map(str, parts)))
 
 
-def _random_raw(name: str, rows: int, cols: int, seed: int) -> np.ndarray:
-    """Random valid block bytes, with every fp16 field overwritten by a finite value (~1e-3, both signs)."""
+def _random_raw(name: str, rows: int, cols: int, seed: int, size: float = 1e-3) -> np.ndarray:
+    """Random valid block bytes, with every fp16 field overwritten by a finite value (~``size``,
+    both signs). Also builds the K-quant projections of test_gguf_import_types."""
     bw, bb = GGML_QUANT_SIZES[GGMLQuantizationType[name]]
     rng = np.random.default_rng(seed)
     blocks = rng.integers(0, 256, size=(rows, cols // bw, bb), dtype=np.uint8)
     for at in FP16_AT[name]:
-        vals = (rng.standard_normal((rows, cols // bw)) * 1e-3).astype("<f2")
+        vals = (rng.standard_normal((rows, cols // bw)) * size).astype("<f2")
         vals[0, 0] = 0.0  # a zero scale too
         blocks[..., at:at + 2] = vals[..., None].view(np.uint8)
     return blocks.reshape(rows, -1)
