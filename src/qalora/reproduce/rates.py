@@ -53,9 +53,16 @@ def rate_name(lr: float) -> str:
 
 
 def has_rate(row) -> bool:
-    """Whether the row trains float parameters with AdamW (every tuned row but LoTA-QAF alone)."""
-    return row.method is not None and not (row.method == "lota" and not row.switches.get("with_qalora")
-                                           and not row.switches.get("train_scales"))
+    """Whether the row trains float parameters with AdamW: one of its kinds has a state key that
+    t-SignSGD does not train (every tuned row but LoTA-QAF alone), read off the kind registry."""
+    if row.method is None:
+        return False
+    from qalora.adapters.kinds.registry import get_kind
+    from qalora.adapters.methods import method_kinds
+    from qalora.config import LoraConfig
+
+    kinds = map(get_kind, method_kinds(row.method, LoraConfig(**row.switches)))
+    return any(set(k.state_keys) - set(k.ternary) for k in kinds)
 
 
 def select_grid(row):
